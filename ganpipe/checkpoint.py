@@ -1,0 +1,105 @@
+"""Checkpoints that survive a kill at any moment.
+
+A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding the networks as safetensors and
+everything else (optimisers, scaler, RNG states, data position) in `state.pt`, which holds only
+tensors and plain values and loads with `weights_only=True`. It is written under a temporary
+name, fsynced, and renamed into place: a directory with a final name is complete. `latest` and
+`best` are small pointer files replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ganpipe import storage
+
+NETWORKS = ("G", "D", "G_ema")
+NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _step_of(path: Path) -> int:
+    match = NAME.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are never listed)."""
+    root = checkpoint_root(run_dir)
+    if not root.exists():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)), key=_step_of)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Delete temporary directories left by a save that was killed."""
+    root = checkpoint_root(run_dir)
+    if root.exists():
+        for path in root.iterdir():
+            if path.is_dir() and path.name.startswith("."):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, networks: dict[str, dict[str, torch.Tensor]],
+                    state: dict[str, Any], info: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint atomically, point `latest` at it, and prune to the last `keep` (and `best`)."""
+    target = checkpoint_root(run_dir) / f"step-{step:08d}"
+    with storage.atomic_directory(target) as tmp:
+        for name, weights in networks.items():
+            save_file(_contiguous(weights), str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "saved_at": time.time(), **info}, indent=2))
+    storage.write_bytes_atomic(str(checkpoint_root(run_dir) / "latest"), target.name.encode())
+    prune(run_dir, keep)
+    return target
+
+
+def mark_best(run_dir: Path, checkpoint: Path) -> None:
+    storage.write_bytes_atomic(str(checkpoint_root(run_dir) / "best"), checkpoint.name.encode())
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    pointer = checkpoint_root(run_dir) / "best"
+    if not pointer.exists():
+        return None
+    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    best = best_checkpoint(run_dir)
+    for path in list_checkpoints(run_dir)[:-keep]:
+        if path != best:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The networks' weights and the training state. Nothing is unpickled beyond plain values."""
+    networks = {name: load_file(str(path / f"{name}.safetensors")) for name in NETWORKS
+                if (path / f"{name}.safetensors").exists()}
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return networks, state
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "meta.json").read_text())

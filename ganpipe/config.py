@@ -1,0 +1,229 @@
+"""Typed configuration: YAML files validated on load, dotted `--set` overrides, a stable hash.
+
+Every key has one home here. Code receives the section it needs (`cfg.train`, `cfg.data`), never a
+loose dictionary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ganpipe.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(description="hub id, local path (save_to_disk dir, parquet file/glob, image folder), "
+                        "s3://bucket/prefix, or builtin:digits")
+    kind: Literal["image", "vector"] = "image"
+    columns: list[str] | None = Field(None, description="numeric columns for kind: vector")
+    image_column: str | None = None
+    label_column: str | None = None
+    classes: list[str] | None = Field(None, description="declared class names; other labels are bad records")
+    resolution: int = Field(32, ge=4, le=1024)
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3; default: 1 when the images are grayscale")
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    on_bad_record: Literal["error", "skip"] = "error"
+    split: str = "train"
+    config_name: str | None = Field(None, description="hub dataset configuration")
+    revision: str | None = Field(None, description="hub dataset revision (branch, tag or commit)")
+    max_records: int | None = Field(None, ge=1)
+    shard_size: int = Field(10_000, ge=1, description="records per prepared shard")
+    cache: str | None = Field(None, description="where prepared data lives; default $GANPIPE_HOME/prepared")
+
+    @model_validator(mode="after")
+    def _vector_needs_columns(self) -> DataConfig:
+        if self.kind == "vector" and not self.columns:
+            raise ValueError("data.columns is required when data.kind is 'vector'")
+        return self
+
+
+class ModelConfig(_Section):
+    family: Literal["mlp", "dcgan"] = "dcgan"
+    conditional: bool = False
+    latent_dim: int = Field(100, ge=1)
+    g_width: int = Field(64, ge=1, description="DCGAN base channels / MLP hidden units of the generator")
+    d_width: int = Field(64, ge=1, description="DCGAN base channels / MLP hidden units of the discriminator")
+    mlp_layers: int = Field(3, ge=1, description="hidden layers of each MLP network")
+    g_conditioning: Literal["embedding", "cbn"] = "embedding"
+    d_conditioning: Literal["projection", "concat"] = "projection"
+    spectral_norm: bool = False
+    d_norm: Literal["auto", "batch", "none"] = Field(
+        "auto", description="auto: batch norm, except none with spectral norm or a gradient penalty")
+    pack: int = Field(1, ge=1, description="PacGAN: the discriminator judges this many samples jointly")
+
+
+LossName = Literal["minimax", "non_saturating", "hinge", "least_squares", "wgan_gp"]
+
+
+class TrainConfig(_Section):
+    steps: int = Field(2000, ge=1, description="training iterations (each: k D updates + 1 G update)")
+    batch_size: int = Field(64, ge=1, description="global batch per update, split across processes")
+    loss: LossName = "non_saturating"
+    g_lr: float = Field(2e-4, gt=0)
+    d_lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    d_steps: int = Field(1, ge=1, description="k: discriminator updates per generator update")
+    schedule: Literal["fixed", "adaptive"] = "fixed"
+    adaptive_d_threshold: float = Field(0.3, description="adaptive: train D until its loss is below this")
+    adaptive_g_threshold: float = Field(1.0, description="adaptive: then G until its loss is below this")
+    gp_weight: float = Field(10.0, ge=0)
+    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight on real data (0: off)")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_accum: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_processes: int = Field(1, ge=1)
+    num_machines: int = Field(1, ge=1)
+    accelerate_config: str | None = Field(None, description="accelerate config file (multi-node, GPUs)")
+    cpu: bool = Field(False, description="force CPU even when a GPU is present")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(50, ge=1)
+    sample_every: int = Field(500, ge=1)
+    compile: bool = False
+    channels_last: bool = False
+    run_name: str | None = None
+
+
+class EvalConfig(_Section):
+    metrics: list[str] = Field(default_factory=lambda: ["fd_domain"])
+    num_samples: int = Field(2048, ge=2)
+    inception_weights: str | None = None
+    bootstrap: int = Field(20, ge=0, description="bootstrap resamples for uncertainty (0: none)")
+
+
+class RegisterConfig(_Section):
+    name: str = "ganpipe-generator"
+    primary_metric: str = "fd_domain"
+    margin: float = Field(0.0, ge=0, description="also required improvement, beyond the uncertainty")
+
+
+class ExportConfig(_Section):
+    num_images: int = Field(0, ge=0, description="0: the pipeline exports nothing")
+    out: str | None = Field(None, description="default $GANPIPE_HOME/exports/<name>/v<version>")
+    format: Literal["parquet", "imagefolder"] = "parquet"
+    shard_size: int = Field(10_000, ge=1)
+    class_balance: bool = False
+    seed: int = 0
+    num_processes: int = Field(1, ge=1)
+
+
+class StorageConfig(_Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
+
+
+class DeployConfig(_Section):
+    cron: str | None = None
+    timezone: str = "UTC"
+    work_pool: str = "ganpipe-gpu"
+
+
+class Config(_Section):
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    # YAML key `register` (the contract's); `registry` in code, since pydantic owns `register`.
+    registry: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v: int) -> int:
+        if not 0 <= v < 2**31:
+            raise ValueError("seed must be in [0, 2**31)")
+        return v
+
+    def hash(self) -> str:
+        """Stable content hash of the effective config (key order and formatting do not matter)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as a YAML scalar or flow list)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_validation_error(origin: str, exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{key}'"
+    if first["type"] == "missing":
+        return f"{origin}: missing required key '{key}'"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{origin}: key '{key}': {first['msg']}{shown}"
+
+
+def validate_config(raw: dict[str, Any], origin: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_format_validation_error(origin, exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate. Bad input raises UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config sections at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, str(path))
+
+
+def config_from_yaml_text(text: str, origin: str) -> Config:
+    """Re-read a config saved with a run (already validated once; still strict)."""
+    return validate_config(yaml.safe_load(text) or {}, origin)

@@ -1,0 +1,20 @@
+"""Errors that reach the user.
+
+`UserError` is bad input (a config key, a file, a data row): the CLI prints one `error:` line and
+exits 2. Anything else is a failure of ours or of the environment: exit 1.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or configuration. The message names the file, key or row at fault."""
+
+
+class StageError(Exception):
+    """A pipeline stage failed; carries the stage name so flows can report it."""
+
+    def __init__(self, stage: str, cause: BaseException | str):
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"{stage} failed: {cause}")

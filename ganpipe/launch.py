@@ -1,0 +1,192 @@
+"""Start training as `accelerate launch` subprocesses and wait for them.
+
+The child runs in its own process group: cancelling (Ctrl-C, SIGTERM, a Prefect cancellation or
+timeout) kills the whole group, every rank included. Its output is passed through, or handed
+line by line to a callback (the Prefect task streams it into the run log).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ganpipe import runs, storage
+from ganpipe.config import Config
+from ganpipe.data import IngestResult, ingest, open_prepared
+from ganpipe.errors import UserError
+
+LineHandler = Callable[[str], None]
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def accelerate_command(cfg: Config, module: str, args: list[str]) -> list[str]:
+    t = cfg.train
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if t.accelerate_config:
+        if not Path(t.accelerate_config).is_file():
+            raise UserError(f"train.accelerate_config: file not found: {t.accelerate_config}")
+        cmd += ["--config_file", t.accelerate_config]
+    cmd += ["--num_processes", str(t.num_processes), "--num_machines", str(t.num_machines),
+            "--mixed_precision", t.mixed_precision, "--dynamo_backend", "no"]
+    if t.num_processes > 1:
+        cmd += ["--multi_gpu"]  # torchrun-style launch; on CPU-only hosts the ranks use gloo
+    cmd += ["--module", module, *args]
+    return cmd
+
+
+def child_env(cfg: Config) -> dict[str, str]:
+    env = dict(os.environ)
+    env["GANPIPE_HOME"] = str(storage.ganpipe_home())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if cfg.train.cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    from ganpipe import tracking
+
+    flow_run = tracking.flow_run_id()
+    if flow_run:
+        env["GANPIPE_FLOW_RUN_ID"] = flow_run
+    if cfg.train.num_processes > 1 and "OMP_NUM_THREADS" not in env:
+        threads = max(1, (os.cpu_count() or 1) // cfg.train.num_processes)
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_process_group(cmd: list[str], env: dict[str, str], on_line: LineHandler | None = None,
+                      log_file: Path | None = None) -> int:
+    """Run `cmd` in a new session; stream its output; kill the whole group if we are interrupted."""
+    stream = on_line is not None or log_file is not None
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE if stream else sys.stderr,
+                            stderr=subprocess.STDOUT if stream else sys.stderr, text=stream, bufsize=1)
+    previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
+    if _main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed in finally
+    try:
+        if stream:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if log:
+                    log.write(line)
+                    log.flush()
+                if on_line:
+                    on_line(line.rstrip("\n"))
+                else:
+                    sys.stderr.write(line)
+        return proc.wait()
+    except BaseException:
+        kill_group(proc)
+        raise
+    finally:
+        if log:
+            log.close()
+        if _main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL whatever is left after `grace` seconds."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            if proc.poll() is not None and not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@dataclass
+class PreparedRun:
+    run_dir: Path
+    data: IngestResult
+
+
+def prepare_run(cfg: Config, resume: str = "auto") -> PreparedRun:
+    """Ingest (a cache hit when unchanged), choose the run directory, save the effective config,
+    and check that the networks can be built for this data before any process starts."""
+    from ganpipe.train import network_spec
+
+    data = ingest(cfg.data, cfg.storage.endpoint_url)
+    network_spec(cfg, open_prepared(data.location, cfg.storage.endpoint_url))
+    run_dir = runs.run_dir_for(cfg, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes_atomic(str(run_dir / "config.yaml"), cfg.to_yaml().encode())
+    runs.update_info(run_dir, name=run_dir.name, identity=runs.run_identity(cfg), config_hash=cfg.hash(),
+                     data={"fingerprint": data.fingerprint, "location": data.location,
+                           "num_records": data.num_records, "classes": data.classes})
+    return PreparedRun(run_dir, data)
+
+
+def launch_training(cfg: Config, resume: str = "auto", on_line: LineHandler | None = None) -> dict[str, Any]:
+    """`ganpipe train`: returns the contract's result (run_dir, steps, checkpoint, mlflow_run_id,
+    resumed_from_step) or raises TrainingFailed naming the cause."""
+    if cfg.train.mixed_precision == "fp16" and not _cuda_available() :
+        raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
+    prepared = prepare_run(cfg, resume)
+    run_dir = prepared.run_dir
+    (run_dir / "result.json").unlink(missing_ok=True)
+    cmd = accelerate_command(cfg, "ganpipe.train", [str(run_dir)])
+    code = run_process_group(cmd, child_env(cfg), on_line=on_line, log_file=run_dir / "train.log")
+    result = runs.read_json(run_dir / "result.json")
+    if code == 2:
+        raise UserError(_last_error(run_dir / "train.log") or f"training rejected its input (see {run_dir}/train.log)")
+    if result.get("status") == "diverged":
+        raise TrainingFailed(result["error"])
+    if code != 0 or result.get("status") != "completed":
+        raise TrainingFailed(f"training exited with code {code}: "
+                             f"{_last_error(run_dir / 'train.log') or 'see ' + str(run_dir / 'train.log')}")
+    return result
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _last_error(log: Path) -> str | None:
+    if not log.exists():
+        return None
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ")
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line
+    return None

@@ -1,0 +1,82 @@
+"""Run directories: where one training run keeps its config, checkpoints, samples and results.
+
+    runs/<name>/
+      config.yaml      the effective config of the latest invocation
+      run.json         identity, data fingerprint and location, MLflow run id
+      checkpoints/     step-XXXXXXXX/ (see ganpipe.checkpoint), latest, best
+      samples/         preview grids
+      generator/       the final EMA generator: generator.safetensors, spec.json, info.json
+      result.json      what the last invocation achieved
+
+The run name is derived from what determines the training trajectory (seed, data, model, train
+minus bookkeeping such as steps and logging intervals): the same config with `--resume auto`
+continues the same run, and raising `train.steps` extends it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ganpipe import storage
+from ganpipe.config import Config, config_from_yaml_text
+
+BOOKKEEPING = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "run_name"}
+
+
+def run_identity(cfg: Config) -> str:
+    raw = cfg.to_dict()
+    identity = {"seed": raw["seed"], "data": raw["data"], "model": raw["model"],
+                "train": {k: v for k, v in raw["train"].items() if k not in BOOKKEEPING}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
+
+
+def runs_root() -> Path:
+    return storage.ganpipe_home() / "runs"
+
+
+def run_dir_for(cfg: Config, resume: str) -> Path:
+    """`auto`: the run this config belongs to (new or existing). `never`: always a fresh directory."""
+    base = cfg.train.run_name or f"{_slug(cfg.registry.name)}-{run_identity(cfg)}"
+    path = runs_root() / base
+    if resume == "never":
+        n = 1
+        while path.exists():
+            n += 1
+            path = runs_root() / f"{base}-{n}"
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_info(run_dir: Path) -> dict[str, Any]:
+    return read_json(run_dir / "run.json")
+
+
+def update_info(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    info = read_info(run_dir)
+    info.update(fields)
+    storage.write_json_atomic(str(run_dir / "run.json"), info)
+    return info
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    return config_from_yaml_text(path.read_text(), str(path))
+
+
+def generator_dir(run_dir: Path) -> Path:
+    return run_dir / "generator"
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "run.json").exists() and (path / "config.yaml").exists()

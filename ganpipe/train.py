@@ -1,0 +1,559 @@
+"""The adversarial training loop. One script from one CPU to many GPUs: `ganpipe train` starts it
+with `accelerate launch -m ganpipe.train RUN_DIR`, one process per device.
+
+Each iteration: k discriminator updates on fresh real batches, then one generator update with
+the discriminator frozen, then an EMA step of the generator's weights. All randomness comes from
+explicit generators whose states are checkpointed, so a resumed run continues exactly where an
+uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ganpipe import checkpoint, runs, storage
+from ganpipe.config import Config
+from ganpipe.data import PreparedData, open_prepared, to_model_space
+from ganpipe.errors import UserError
+from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
+from ganpipe.models import NetworkSpec, build_discriminator, build_generator, generate
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
+    """What to build, from the config and the prepared data. Bad combinations are UserErrors."""
+    m = cfg.model
+    if m.conditional and not data.classes:
+        raise UserError("model.conditional: the prepared data has no labels (set data.label_column)")
+    if m.family == "dcgan" and data.kind != "image":
+        raise UserError("model.family: dcgan needs image data; use mlp for data.kind: vector")
+    if m.pack > 1 and m.conditional:
+        raise UserError("model.pack: packing is for unconditional models")
+    d_norm = m.d_norm
+    if d_norm == "auto":
+        d_norm = "none" if m.spectral_norm or cfg.train.loss == "wgan_gp" or cfg.train.r1_gamma else "batch"
+    if m.family == "dcgan":
+        resolution = data.sample_shape[1]
+        if resolution < 8 or resolution & (resolution - 1):
+            raise UserError(f"data.resolution: DCGAN needs a power of two >= 8, got {resolution}")
+    mean, std = data.vector_stats if data.kind == "vector" else ((), ())
+    return NetworkSpec(
+        family=m.family, sample_shape=data.sample_shape, latent_dim=m.latent_dim,
+        num_classes=data.num_classes if m.conditional else 0, g_width=m.g_width, d_width=m.d_width,
+        mlp_layers=m.mlp_layers, g_conditioning=m.g_conditioning, d_conditioning=m.d_conditioning,
+        spectral_norm=m.spectral_norm, d_norm=d_norm, pack=m.pack,
+        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+        columns=tuple(data.meta.get("columns") or ()), classes=tuple(data.classes or ()))
+
+
+class BatchSampler:
+    """Global batches from a stream of seeded permutations, split across processes.
+
+    Its whole state is (epoch, cursor): a resumed run draws exactly the batches an uninterrupted
+    run would. Batches run across epoch boundaries, so a dataset smaller than a batch still works."""
+
+    def __init__(self, num_records: int, global_batch: int, seed: int, rank: int, world: int):
+        self.n, self.batch, self.seed, self.rank, self.world = num_records, global_batch, seed, rank, world
+        self.epoch, self.cursor = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=generator).numpy()
+
+    def next_indices(self) -> np.ndarray:
+        parts, need = [], self.batch
+        while need:
+            take = min(need, self.n - self.cursor)
+            parts.append(self._perm[self.cursor:self.cursor + take])
+            self.cursor += take
+            need -= take
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        global_indices = np.concatenate(parts)
+        local = self.batch // self.world
+        return global_indices[self.rank * local:(self.rank + 1) * local]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._perm = self._permutation(self.epoch)
+
+
+@dataclass
+class Nets:
+    G: nn.Module  # prepared (DDP-wrapped under several processes)
+    D: nn.Module
+    g_raw: nn.Module  # the plain modules: what checkpoints hold
+    d_raw: nn.Module
+    ema: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+class Trainer:
+    """Holds what one process needs for the loop; the updates are small methods below."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        from accelerate import Accelerator
+
+        self.cfg, self.run_dir, t = cfg, run_dir, cfg.train
+        self.accelerator = Accelerator(cpu=t.cpu or not torch.cuda.is_available(),
+                                       mixed_precision=t.mixed_precision)
+        acc = self.accelerator
+        self.device = acc.device
+        info = runs.read_info(run_dir)
+        self.data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
+        self.spec = network_spec(cfg, self.data)
+        per_process = t.batch_size // acc.num_processes
+        if t.batch_size % acc.num_processes or per_process % t.grad_accum or \
+                (per_process // t.grad_accum) % cfg.model.pack:
+            raise UserError(f"train.batch_size {t.batch_size} must divide into {acc.num_processes} processes "
+                            f"x {t.grad_accum} accumulation steps x model.pack {cfg.model.pack}")
+        self.d_loss_fn, self.g_loss_fn = LOSSES[t.loss]
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        g_raw, d_raw = build_generator(self.spec), build_discriminator(self.spec)
+        memory_format = torch.channels_last if t.channels_last and self.spec.is_image else torch.contiguous_format
+        g_raw.to(self.device, memory_format=memory_format)
+        d_raw.to(self.device, memory_format=memory_format)
+        self.memory_format = memory_format
+        ema = copy.deepcopy(g_raw).eval().requires_grad_(False)
+        fused = self.device.type == "cuda"
+        opt_g = torch.optim.Adam(g_raw.parameters(), lr=t.g_lr, betas=t.betas, fused=fused or None)
+        opt_d = torch.optim.Adam(d_raw.parameters(), lr=t.d_lr, betas=t.betas, fused=fused or None)
+
+        self.sampler = BatchSampler(self.data.num_records, t.batch_size, cfg.seed, acc.process_index,
+                                    acc.num_processes)
+        self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + acc.process_index)
+        self.step, self.g_updates, self.phase, self.phase_updates = 0, 0, "d", 0
+        self.resumed_from = self._resume(g_raw, d_raw, ema, opt_g, opt_d)
+
+        compiled_g = torch.compile(g_raw) if t.compile else g_raw
+        # Double backward (gradient penalties) is not supported through compiled graphs.
+        compiled_d = torch.compile(d_raw) if t.compile and t.loss != "wgan_gp" and not t.r1_gamma else d_raw
+        G, D, opt_g, opt_d = acc.prepare(compiled_g, compiled_d, opt_g, opt_d)
+        self.nets = Nets(G, D, g_raw, d_raw, ema, opt_g, opt_d)
+        if self.resumed_from is not None and acc.scaler is not None and "scaler" in self._resume_state:
+            acc.scaler.load_state_dict(self._resume_state["scaler"])
+        self._resume_state = {}
+        self.first_bad_step = torch.tensor(-1, device=self.device)
+        self.preview_seeds = list(range(64))
+
+    # --- resume ------------------------------------------------------------------------------
+    def _resume(self, g_raw, d_raw, ema, opt_g, opt_d) -> int | None:
+        self._resume_state: dict[str, Any] = {}
+        if self.accelerator.is_main_process:
+            checkpoint.remove_partial(self.run_dir)
+        self.accelerator.wait_for_everyone()
+        latest = checkpoint.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return None
+        networks, state = checkpoint.load_checkpoint(latest)
+        g_raw.load_state_dict(networks["G"])
+        d_raw.load_state_dict(networks["D"])
+        ema.load_state_dict(networks["G_ema"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        self.step, self.g_updates = int(state["step"]), int(state["g_updates"])
+        self.phase, self.phase_updates = str(state["phase"]), int(state["phase_updates"])
+        self.sampler.load_state_dict(state["sampler"])
+        noise_states = state["noise"]
+        if len(noise_states) == self.accelerator.num_processes:
+            self.noise.set_state(noise_states[self.accelerator.process_index])
+        else:  # a different number of processes: continue, with fresh per-rank noise streams
+            self.noise.manual_seed(self.cfg.seed * 7919 + 1 + self.accelerator.process_index + self.step)
+        torch.set_rng_state(state["torch_rng"])
+        self._resume_state = state
+        return self.step
+
+    # --- data and noise ---------------------------------------------------------------------
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raw, labels = self.data.gather(self.sampler.next_indices())
+        x = torch.from_numpy(to_model_space(raw, self.data))
+        x = x.to(self.device, non_blocking=True)
+        if self.spec.is_image:
+            x = x.contiguous(memory_format=self.memory_format)
+        y = torch.from_numpy(labels).to(self.device) if self.spec.conditional else None
+        return x, y
+
+    def latents(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.spec.latent_dim, generator=self.noise).to(self.device, non_blocking=True)
+
+    def _micro_batches(self, x: torch.Tensor, y: torch.Tensor | None):
+        accum = self.cfg.train.grad_accum
+        xs = x.chunk(accum)
+        ys = y.chunk(accum) if y is not None else [None] * accum
+        return list(zip(xs, ys, strict=True))
+
+    # --- the two updates --------------------------------------------------------------------
+    def discriminator_update(self) -> dict[str, torch.Tensor]:
+        t, nets, acc = self.cfg.train, self.nets, self.accelerator
+        real_all, labels_all = self.real_batch()
+        nets.D.requires_grad_(True)
+        stats: dict[str, torch.Tensor] = {}
+        micro = self._micro_batches(real_all, labels_all)
+        for i, (real, labels) in enumerate(micro):
+            with torch.no_grad():
+                fake = nets.G(self.latents(real.shape[0]), labels)
+            sync = acc.no_sync(nets.D) if i < len(micro) - 1 else nullcontext()
+            with sync:
+                if t.r1_gamma:
+                    real = real.detach().requires_grad_(True)
+                real_logits = nets.D(real, labels).float()
+                fake_logits = nets.D(fake, labels).float()
+                loss = self.d_loss_fn(real_logits, fake_logits)
+                if t.loss == "wgan_gp":
+                    gp = gradient_penalty(nets.D, real, fake, labels, self.noise)
+                    loss = loss + t.gp_weight * gp
+                    _add(stats, "gradient_penalty", gp, len(micro))
+                if t.r1_gamma:
+                    r1 = r1_penalty(real_logits, real)
+                    loss = loss + 0.5 * t.r1_gamma * r1
+                    _add(stats, "r1_penalty", r1, len(micro))
+                acc.backward(loss / len(micro))
+            _add(stats, "d_loss", loss, len(micro))
+            _add(stats, "d_real", torch.sigmoid(real_logits).mean(), len(micro))
+            _add(stats, "d_fake", torch.sigmoid(fake_logits).mean(), len(micro))
+        stats["d_grad_norm"] = _grad_norm(nets.d_raw)
+        nets.opt_d.step()
+        nets.opt_d.zero_grad(set_to_none=True)
+        return stats
+
+    def generator_update(self) -> dict[str, torch.Tensor]:
+        nets, acc = self.nets, self.accelerator
+        accum = self.cfg.train.grad_accum
+        n = self.cfg.train.batch_size // acc.num_processes // accum
+        nets.D.requires_grad_(False)  # frozen: no gradients for D, and no gradient sync for it
+        stats: dict[str, torch.Tensor] = {}
+        for i in range(accum):
+            labels = None
+            if self.spec.conditional:  # classes drawn uniformly, so every class gets trained
+                labels = torch.randint(self.spec.num_classes, (n,), generator=self.noise).to(self.device)
+            sync = acc.no_sync(nets.G) if i < accum - 1 else nullcontext()
+            with sync, acc.no_sync(nets.D):
+                fake = nets.G(self.latents(n), labels)
+                loss = self.g_loss_fn(nets.D(fake, labels).float())
+                acc.backward(loss / accum)
+            _add(stats, "g_loss", loss, accum)
+        stats["g_grad_norm"] = _grad_norm(nets.g_raw)
+        nets.opt_g.step()
+        nets.opt_g.zero_grad(set_to_none=True)
+        nets.D.requires_grad_(True)
+        self.g_updates += 1
+        self.update_ema()
+        return stats
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        # Ramp the decay up from 0 so short runs do not export their random initialisation.
+        decay = min(self.cfg.train.ema_decay, (1 + self.g_updates) / (10 + self.g_updates))
+        ema_params = list(self.nets.ema.parameters())
+        params = [p.detach() for p in self.nets.g_raw.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buffer, buffer in zip(self.nets.ema.buffers(), self.nets.g_raw.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+    def iteration(self) -> dict[str, torch.Tensor]:
+        """One training step: k D updates then one G update, or one update of the side the
+        adaptive schedule is on."""
+        t = self.cfg.train
+        stats: dict[str, torch.Tensor] = {}
+        if t.schedule == "fixed":
+            for _ in range(t.d_steps):
+                stats.update(self.discriminator_update())
+            stats.update(self.generator_update())
+        else:
+            stats.update(self.adaptive_update())
+        losses = [v for k, v in stats.items() if k.endswith("loss")]
+        finite = torch.stack([torch.isfinite(v) for v in losses]).all()
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite,
+                                          torch.tensor(self.step + 1, device=self.device), self.first_bad_step)
+        return stats
+
+    def adaptive_update(self) -> dict[str, torch.Tensor]:
+        """Train one side until its loss crosses its threshold, then the other (capped at 50
+        updates in a row, so neither side starves). Needs the loss on every step (a sync)."""
+        t = self.cfg.train
+        if self.phase == "d":
+            stats = self.discriminator_update()
+            done = stats["d_loss"].item() < t.adaptive_d_threshold
+        else:
+            stats = self.generator_update()
+            done = stats["g_loss"].item() < t.adaptive_g_threshold
+        self.phase_updates += 1
+        if done or self.phase_updates >= 50:
+            self.phase, self.phase_updates = ("g" if self.phase == "d" else "d"), 0
+        stats["phase_is_d"] = torch.tensor(float(self.phase == "d"), device=self.device)
+        return stats
+
+    # --- saving ------------------------------------------------------------------------------
+    def check_finite(self) -> None:
+        bad = int(self.accelerator.reduce(self.first_bad_step.clone(), "max").item())
+        if bad >= 0:
+            last = checkpoint.latest_checkpoint(self.run_dir)
+            raise Diverged(f"training diverged at step {bad}: non-finite loss; last good checkpoint: "
+                           f"{last if last else 'none'}")
+
+    def save(self, info: dict[str, Any]) -> Path | None:
+        acc = self.accelerator
+        noise_states = acc.gather(self.noise.get_state().to(self.device)[None]).cpu()
+        if not acc.is_main_process:
+            return None
+        state = {
+            "step": self.step, "g_updates": self.g_updates, "phase": self.phase,
+            "phase_updates": self.phase_updates, "sampler": self.sampler.state_dict(),
+            "opt_g": self.nets.opt_g.state_dict(), "opt_d": self.nets.opt_d.state_dict(),
+            "noise": noise_states, "torch_rng": torch.get_rng_state(),
+        }
+        if acc.scaler is not None:
+            state["scaler"] = acc.scaler.state_dict()
+        networks = {"G": self.nets.g_raw.state_dict(), "D": self.nets.d_raw.state_dict(),
+                    "G_ema": self.nets.ema.state_dict()}
+        return checkpoint.save_checkpoint(self.run_dir, self.step, networks, state, info,
+                                          self.cfg.train.keep_checkpoints)
+
+    def preview(self) -> Path | None:
+        """A grid of EMA samples on fixed seeds (images only)."""
+        if not self.accelerator.is_main_process or not self.spec.is_image:
+            return None
+        labels = [i % self.spec.num_classes for i in self.preview_seeds] if self.spec.conditional else None
+        images = generate(self.nets.ema, self.spec, self.preview_seeds, labels, device=self.device)
+        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+        save_grid(images, path)
+        return path
+
+    def write_generator(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from safetensors.torch import save_file
+
+        target = runs.generator_dir(self.run_dir)
+        with storage.atomic_directory(target) as tmp:
+            save_file(checkpoint._contiguous(self.nets.ema.state_dict()), str(tmp / "generator.safetensors"))
+            (tmp / "spec.json").write_text(json.dumps(self.spec.to_json(), indent=2))
+            (tmp / "info.json").write_text(json.dumps({
+                "step": self.step, "data_fingerprint": self.data.fingerprint,
+                "config_hash": self.cfg.hash()}, indent=2))
+
+
+def _add(stats: dict[str, torch.Tensor], key: str, value: torch.Tensor, parts: int) -> None:
+    value = value.detach().float() / parts
+    stats[key] = stats[key] + value if key in stats else value
+
+
+def _grad_norm(module: nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """uint8 NHWC -> one PNG grid."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.permute(0, 3, 1, 2), nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
+    array = grid.permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain lines (for logs and Prefect) otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled, self.total = enabled, total
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        self.started, self.start_step = time.time(), start
+
+    def update(self, step: int, metrics: dict[str, float] | None) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if metrics:
+                self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("d_loss", "g_loss") if k in metrics})
+            return
+        if metrics is None:
+            return
+        elapsed = time.time() - self.started
+        rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("d_loss", "g_loss", "d_real", "d_fake", "images_per_sec")
+                         if k in metrics)
+        print(f"step {step}/{self.total} {shown} eta={_duration(eta)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MlflowLogger:
+    """Main-process MLflow logging into the run recorded in run.json (created on first use)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.run_id: str | None = None
+        if not enabled:
+            return
+        import mlflow
+
+        from ganpipe import tracking
+
+        self.mlflow = mlflow
+        info = runs.read_info(run_dir)
+        experiment = tracking.experiment_id(cfg.registry.name)
+        run = mlflow.start_run(run_id=info.get("mlflow_run_id"), experiment_id=experiment,
+                               run_name=run_dir.name)
+        self.run_id = run.info.run_id
+        if not info.get("mlflow_run_id"):
+            runs.update_info(run_dir, mlflow_run_id=self.run_id)
+            flat = _flatten(cfg.to_dict())
+            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            mlflow.set_tags({"ganpipe.data_fingerprint": info["data"]["fingerprint"],
+                             "ganpipe.config_hash": cfg.hash(), "ganpipe.run_dir": str(run_dir),
+                             "ganpipe.git_commit": tracking.git_commit() or "unknown",
+                             "ganpipe.flow_run_id": tracking.flow_run_id() or "none"})
+            mlflow.log_text(cfg.to_yaml(), "config.yaml")
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.enabled:
+            self.mlflow.log_metrics(values, step=step)
+
+    def artifact(self, path: Path, folder: str) -> None:
+        if self.enabled:
+            self.mlflow.log_artifact(str(path), folder)
+
+    def close(self, status: str) -> None:
+        if self.enabled:
+            self.mlflow.end_run(status=status)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    t = cfg.train
+    trainer = Trainer(cfg, run_dir)
+    acc = trainer.accelerator
+    main = acc.is_main_process
+    logger = MlflowLogger(cfg, run_dir, enabled=main)
+    progress = Progress(t.steps, trainer.step, enabled=main)
+    if trainer.resumed_from is not None and main:
+        print(f"resumed from step {trainer.resumed_from}", file=sys.stderr, flush=True)
+    window_start, window_step = time.time(), trainer.step
+    last_checkpoint = checkpoint.latest_checkpoint(run_dir)
+    try:
+        while trainer.step < t.steps:
+            stats = trainer.iteration()
+            trainer.step += 1
+            step = trainer.step
+            metrics = None
+            if step % t.log_every == 0 or step == t.steps:
+                trainer.check_finite()
+                names = sorted(stats)
+                reduced = acc.reduce(torch.stack([stats[k].float() for k in names]), "mean")
+                metrics = dict(zip(names, reduced.tolist(), strict=True))
+                elapsed = time.time() - window_start
+                images = (step - window_step) * t.batch_size * (t.d_steps if t.schedule == "fixed" else 1)
+                metrics["images_per_sec"] = images / elapsed if elapsed > 0 else 0.0
+                window_start, window_step = time.time(), step
+                logger.metrics(metrics, step)
+            progress.update(step, metrics)
+            if step % t.sample_every == 0 or step == t.steps:
+                grid = trainer.preview()
+                if grid is not None:
+                    logger.artifact(grid, "samples")
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                trainer.check_finite()
+                saved = trainer.save({"metrics": metrics or {}})
+                last_checkpoint = saved or last_checkpoint
+                acc.wait_for_everyone()
+        trainer.write_generator()
+    except Diverged as exc:
+        if main:
+            storage.write_json_atomic(str(run_dir / "result.json"), {
+                "status": "diverged", "error": str(exc), "run_dir": str(run_dir), "steps": trainer.step,
+                "checkpoint": str(checkpoint.latest_checkpoint(run_dir) or ""),
+                "mlflow_run_id": logger.run_id})
+        logger.close("FAILED")
+        raise
+    finally:
+        progress.close()
+    # Every rank reports a checksum of its generator: equal values prove the ranks stayed in step.
+    checksum = torch.tensor([float(sum(p.double().sum() for p in trainer.nets.g_raw.parameters()))],
+                            dtype=torch.float64, device=trainer.device)
+    rank_checksums = acc.gather(checksum).cpu().tolist()
+    result = {
+        "status": "completed", "run_dir": str(run_dir), "steps": trainer.step,
+        "checkpoint": str(checkpoint.latest_checkpoint(run_dir) or last_checkpoint or ""),
+        "mlflow_run_id": logger.run_id, "resumed_from_step": trainer.resumed_from,
+        "data_fingerprint": trainer.data.fingerprint, "num_processes": acc.num_processes,
+        "rank_generator_checksums": rank_checksums,
+    }
+    if main:
+        storage.write_json_atomic(str(run_dir / "result.json"), result)
+    logger.close("FINISHED")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m ganpipe.train RUN_DIR (normally started by `ganpipe train`)", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0])
+    cfg = runs.load_run_config(run_dir)
+    try:
+        train(cfg, run_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Diverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
