@@ -256,14 +256,24 @@ def build_discriminator(spec: NetworkSpec) -> nn.Module:
 
 # --- sampling: shared by training previews, generate, export and the MLflow model ------------------
 
-def latents_for_seeds(seeds: list[int] | torch.Tensor, latent_dim: int) -> torch.Tensor:
+def latents_for_seeds(seeds: list[int] | torch.Tensor, latent_dim: int,
+                      truncation: float | None = None) -> torch.Tensor:
     """One latent per seed, each from its own generator: a sample depends on its seed alone,
-    never on the batch it was generated in."""
+    never on the batch it was generated in. With `truncation`, values beyond it are redrawn
+    from the same generator (the truncation trick), so the result is still a function of the seed."""
     out = torch.empty(len(seeds), latent_dim)
     generator = torch.Generator()
     for i, seed in enumerate(seeds):
         generator.manual_seed(int(seed))
-        out[i] = torch.randn(latent_dim, generator=generator)
+        z = torch.randn(latent_dim, generator=generator)
+        if truncation is not None:
+            for _ in range(1000):
+                outside = z.abs() > truncation
+                if not outside.any():
+                    break
+                z[outside] = torch.randn(int(outside.sum()), generator=generator)
+            z.clamp_(-truncation, truncation)
+        out[i] = z
     return out
 
 
@@ -279,14 +289,15 @@ def to_output(samples: torch.Tensor, spec: NetworkSpec) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(generator: nn.Module, spec: NetworkSpec, seeds: list[int], labels: list[int] | None = None,
-             batch_size: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
+             batch_size: int = 256, device: torch.device | str = "cpu",
+             truncation: float | None = None) -> torch.Tensor:
     """Samples for `seeds` (and `labels` for conditional models) in user units."""
     if spec.conditional and labels is None:
         raise ValueError("a conditional generator needs one label per seed")
     outputs = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
-        z = latents_for_seeds(chunk, spec.latent_dim).to(device)
+        z = latents_for_seeds(chunk, spec.latent_dim, truncation).to(device)
         y = torch.as_tensor(labels[start:start + batch_size], device=device) if spec.conditional else None
         outputs.append(to_output(generator(z, y), spec))
     return torch.cat(outputs) if outputs else torch.empty(0)

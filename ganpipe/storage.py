@@ -100,9 +100,13 @@ def upload_file_atomic(local_file: Path, uri: str, endpoint_url: str | None = No
         return
     target = local_path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if local_file.resolve().parent == target.resolve().parent:
-        os.replace(local_file, target)
+    with open(local_file, "rb") as f:
+        os.fsync(f.fileno())
+    try:
+        os.replace(local_file, target)  # atomic on one filesystem; the source is consumed
         return
+    except OSError:
+        pass
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -519,7 +519,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     finally:
         progress.close()
     # Every rank reports a checksum of its generator: equal values prove the ranks stayed in step.
-    checksum = torch.tensor([float(sum(p.double().sum() for p in trainer.nets.g_raw.parameters()))],
+    checksum = torch.tensor([float(sum(p.detach().double().sum() for p in trainer.nets.g_raw.parameters()))],
                             dtype=torch.float64, device=trainer.device)
     rank_checksums = acc.gather(checksum).cpu().tolist()
     result = {

@@ -60,7 +60,8 @@ def _pick_split(ds: datasets.Dataset | datasets.DatasetDict, cfg: DataConfig) ->
 
 def _open_local(path: Path, cfg: DataConfig) -> OpenedSource:
     if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+        # state.json carries a random per-write id; the data files and schema are the content.
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "state.json")
         ds = _pick_split(datasets.load_from_disk(str(path)), cfg)
         return OpenedSource(ds, _hash_local_files(files, path), f"save_to_disk folder {path}")
     if path.is_dir():

@@ -1,0 +1,323 @@
+"""`ganpipe`: the command line of ../shared/CONTRACT.md.
+
+Exit codes: 0 success; 2 bad input (one `error:` line naming the file, key or row); 1 any other
+failure. `--json` makes the last line of stdout one JSON object. GANPIPE_DEBUG=1 shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ganpipe.errors import StageError, UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one `error:` line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_config(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    parser.add_argument("config", nargs="?" if optional else None, help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=100 (repeatable)")
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], summary: list[str]) -> None:
+    for line in summary:
+        print(line)
+    if args.json:
+        print(json.dumps(result, default=str))
+    sys.stdout.flush()
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    from ganpipe.config import load_config
+
+    return load_config(args.config, list(args.overrides) + (extra or []))
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from ganpipe.data import ingest
+
+    cfg = _load(args)
+    result = ingest(cfg.data, cfg.storage.endpoint_url)
+    state = "cache hit" if result.cached else "prepared"
+    summary = [f"{state}: {result.num_records} records ({result.num_skipped} skipped) -> {result.location}",
+               f"fingerprint {result.fingerprint}" + (f", classes: {', '.join(result.classes)}" if result.classes else "")]
+    _emit(args, result.to_json(), summary)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ganpipe.launch import launch_training
+
+    extra = []
+    if args.num_processes is not None:
+        extra.append(f"train.num_processes={args.num_processes}")
+    if args.mixed_precision is not None:
+        extra.append(f"train.mixed_precision={args.mixed_precision}")
+    cfg = _load(args, extra)
+    result = launch_training(cfg, resume=args.resume)
+    keys = ("run_dir", "steps", "checkpoint", "mlflow_run_id", "resumed_from_step")
+    out = {k: result.get(k) for k in keys} | {k: v for k, v in result.items() if k not in keys}
+    resumed = f" (resumed from step {result['resumed_from_step']})" if result.get("resumed_from_step") else ""
+    _emit(args, out, [f"trained {result['steps']} steps{resumed}: {result['run_dir']}",
+                      f"checkpoint {result['checkpoint']}, MLflow run {result['mlflow_run_id']}"])
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, result in metrics.items():
+        if result.get("value") is None:
+            lines.append(f"{name}: unavailable ({result.get('error', 'failed')})")
+        else:
+            lines.append(f"{name}: {result['value']:.4f} ± {result.get('uncertainty') or 0:.4f}"
+                         + (f"  [{result['warning']}]" if result.get("warning") else ""))
+    return lines
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from ganpipe.evaluate import evaluate_sources
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    weights = args.inception_weights or os.environ.get("GANPIPE_INCEPTION_WEIGHTS")
+    results = evaluate_sources(args.real, args.fake, metrics, args.num_samples, bootstrap=args.bootstrap,
+                               inception_weights=weights, resolution=args.resolution, seed=args.seed)
+    _emit(args, results, _metric_lines(results))
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from ganpipe.registry import register_run
+
+    result = register_run(Path(args.run), args.name)
+    _emit(args, result, [f"registered {result['name']} version {result['version']} "
+                         f"(aliases: {', '.join(result['aliases']) or 'none'})", result["decision"]])
+
+
+def _parse_labels(text: str | None, spec: Any) -> list[int] | None:
+    if text is None:
+        return None
+    names = list(spec.classes)
+    labels = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item in names:
+            labels.append(names.index(item))
+        elif item.lstrip("-").isdigit() and 0 <= int(item) < spec.num_classes:
+            labels.append(int(item))
+        else:
+            raise UserError(f"--labels: {item!r} is not a class of this model ({', '.join(names)})")
+    return labels
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from ganpipe.export import row_seed, shard_table
+    from ganpipe.models import generate
+    from ganpipe.registry import load_generator
+
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npy", ".parquet"):
+        raise UserError(f"--out {out}: expected a .png, .npy or .parquet file")
+    if args.num_images < 1:
+        raise UserError("--num-images must be at least 1")
+    loaded = load_generator(args.model)
+    spec = loaded.spec
+    labels = _parse_labels(args.labels, spec)
+    if spec.conditional:
+        labels = labels or list(range(spec.num_classes))
+        labels = [labels[i % len(labels)] for i in range(args.num_images)]
+    elif labels:
+        raise UserError("--labels: this model is unconditional")
+    indices = np.arange(args.num_images, dtype=np.int64)
+    seeds = row_seed(args.seed, indices)
+    samples = generate(loaded.generator, spec, seeds.tolist(), labels, truncation=args.truncation)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        if not spec.is_image:
+            raise UserError("--out .png needs an image model; use .npy or .parquet for vectors")
+        from ganpipe.train import save_grid
+
+        save_grid(samples, out)
+    elif out.suffix == ".npy":
+        np.save(out, samples.numpy())
+    else:
+        import pyarrow.parquet as pq
+
+        table = shard_table(spec, samples, np.asarray(labels) if labels else None, seeds, indices, None)
+        pq.write_table(table, out)
+    _emit(args, {"out": str(out), "num_images": args.num_images, "model": loaded.source.get("model_uri")},
+          [f"wrote {args.num_images} samples to {out}"])
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from ganpipe.export import export
+
+    counts = None
+    if args.class_counts:
+        try:
+            counts = {str(k): int(v) for k, v in json.loads(args.class_counts).items()}
+        except (ValueError, AttributeError):
+            raise UserError("--class-counts: expected a JSON object like '{\"0\": 100, \"1\": 50}'") from None
+    result = export(args.model, args.num_images, args.out, fmt=args.format, shard_size=args.shard_size,
+                    class_balance=args.class_balance, class_counts=counts, seed=args.seed,
+                    num_processes=args.num_processes)
+    _emit(args, result, [f"exported {result['num_images']} rows in {result['num_shards']} shard(s) to "
+                         f"{result['out']}", f"manifest: {result['manifest']}"])
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    cfg = _load(args)  # validate before Prefect starts
+    from flows.pipeline import training_pipeline
+
+    summary = training_pipeline(config_path=str(args.config), overrides=list(args.overrides))
+    del cfg
+    _emit(args, summary, pipeline_summary_lines(summary))
+
+
+def pipeline_summary_lines(summary: dict[str, Any]) -> list[str]:
+    from ganpipe import tracking
+
+    lines = ["", "ganpipe pipeline finished",
+             f"  model:    {summary['model_uri']} (version {summary['version']}, "
+             f"aliases: {', '.join(summary.get('aliases') or []) or 'none'})",
+             f"  decision: {summary.get('decision', '')}"]
+    lines += [f"  {line}" for line in _metric_lines(summary.get("metrics") or {})]
+    export = summary.get("export")
+    lines.append(f"  export:   {export['out']} ({export['num_images']} rows)" if export else "  export:   not configured")
+    lines.append(f"  MLflow:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    lines.append("  Prefect:  prefect server start, then open http://127.0.0.1:4200 (flow runs)")
+    return lines
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from flows.deploy import deploy
+
+    cfg = _load(args) if args.config else None
+    result = deploy(args.config, list(args.overrides), cfg)
+    _emit(args, result, [f"deployed {name}" for name in result["deployments"]] +
+          [f"work pool: {result['work_pool']}"])
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> Parser:
+    parser = Parser(prog="ganpipe", description="Train, evaluate, register and export GANs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("pipeline", help="ingest -> train -> evaluate -> register -> export, as a Prefect flow")
+    _add_config(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("ingest", help="validate and prepare the dataset")
+    _add_config(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("train", help="adversarial training through Accelerate")
+    _add_config(p)
+    _add_json(p)
+    p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto: continue this config's run from its last checkpoint; never: a fresh run")
+    p.add_argument("--num-processes", type=int, help="processes (devices) to train on")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="quality metrics of generated against real data")
+    p.add_argument("--real", required=True, help="dataset: anything data.source accepts, or an image folder")
+    p.add_argument("--fake", required=True, help="MODEL (models:/NAME@ALIAS, models:/NAME/VERSION, run dir) or dataset")
+    p.add_argument("--metrics", default="fd_domain", help="comma-separated: fid,kid,pr,cas,fd_domain")
+    p.add_argument("--num-samples", type=int, default=2048)
+    p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (for fid, kid, pr)")
+    p.add_argument("--bootstrap", type=int, default=20, help="bootstrap resamples for uncertainty")
+    p.add_argument("--resolution", type=int, help="resolution when both sides are datasets (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_json(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("register", help="log and register a run's generator in MLflow")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--name", help="registered model name (default: the run's register.name)")
+    _add_json(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("generate", help="samples to a .png grid, .npy or .parquet")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-images", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", help="class ids or names, comma-separated (cycled over the images)")
+    p.add_argument("--truncation", type=float, help="truncation trick threshold (latent values beyond it are redrawn)")
+    p.add_argument("--out", required=True)
+    _add_json(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="bulk synthetic dataset (parquet shards or image folder)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-images", type=int, required=True)
+    p.add_argument("--out", required=True, help="local path or s3:// URI")
+    p.add_argument("--format", choices=["parquet", "imagefolder"], default="parquet")
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--class-balance", action="store_true", help="equal rows per class (conditional models)")
+    p.add_argument("--class-counts", help="explicit rows per class as JSON, e.g. '{\"0\": 500, \"1\": 500}'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-processes", type=int, default=1)
+    _add_json(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("deploy", help="create or update the Prefect deployments and their schedules")
+    _add_config(p, optional=True)
+    _add_json(p)
+    p.set_defaults(func=cmd_deploy)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    debug = os.environ.get("GANPIPE_DEBUG") == "1"
+    try:
+        func(args)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except StageError as exc:
+        if debug:
+            traceback.print_exc()
+        cause = exc.cause
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(cause, UserError) else 1
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
+        if debug:
+            traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
