@@ -36,7 +36,11 @@ def local_path(uri: str) -> Path:
 def s3_options(endpoint_url: str | None = None) -> dict[str, Any]:
     """s3fs options from the standard AWS settings; `endpoint_url` (config) wins over the env."""
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    # No listings cache: other processes (ranks, export workers, reruns) write to the same prefixes.
+    options: dict[str, Any] = {"use_listings_cache": False}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
 
 
 def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -80,3 +80,95 @@ register:
 export:
   num_images: 0
 """
+
+
+# --- S3: moto's server mode, a real HTTP endpoint on 127.0.0.1 ------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 60.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)  # noqa: S310 - loopback only
+            return
+        except OSError as exc:
+            if getattr(exc, "code", None):  # an HTTP error status: the server is up
+                return
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not come up in {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A moto S3 server process on 127.0.0.1 for the whole session."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(endpoint)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(endpoint, bucket): a fresh bucket, with the standard AWS variables pointing at moto."""
+    import re
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return s3_endpoint, bucket
+
+
+# --- a tiny trained run, shared by the tests that need a generator --------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 20-step DCGAN run on 16x16 digits, trained once per session in its own home.
+    Tests may read it, never modify it (copy it first)."""
+    from ganpipe.config import load_config
+    from ganpipe.launch import launch_training
+
+    home = tmp_path_factory.mktemp("tiny-run-home")
+    config = write_config(home / "tiny.yaml", TINY_DIGITS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GANPIPE_HOME", str(home))
+        result = launch_training(load_config(config), resume="auto")
+    return Path(result["run_dir"])
+
+
+@pytest.fixture(scope="session")
+def tiny_conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like tiny_run, but a conditional DCGAN (10 digit classes)."""
+    from ganpipe.config import load_config
+    from ganpipe.launch import launch_training
+
+    home = tmp_path_factory.mktemp("tiny-cond-home")
+    config = write_config(home / "tiny.yaml", TINY_DIGITS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GANPIPE_HOME", str(home))
+        cfg = load_config(config, ["model.conditional=true", "register.name=tiny-digits-cgan"])
+        result = launch_training(cfg, resume="auto")
+    return Path(result["run_dir"])
