@@ -83,13 +83,12 @@ def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int) 
     evaluation = {"status": "failed" if len(failed) == len(results) else "ok", "metrics": results,
                   "failed": failed, "num_samples": num_samples, "evaluated_at": time.time()}
     storage.write_json_atomic(str(run_dir / "evaluation.json"), evaluation)
-    run_id = runs.read_info(run_dir).get("mlflow_run_id")
+    from ganpipe import tracking
+
+    run_id = tracking.known_run(runs.read_info(run_dir).get("mlflow_run_id"))
     if run_id:
         from mlflow import MlflowClient
 
-        from ganpipe import tracking
-
-        tracking.configure_mlflow()
         client = MlflowClient()
         for name, result in results.items():
             if result.get("value") is not None:

@@ -264,21 +264,6 @@ def _current(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
-def _known_run(run_id: str | None) -> str | None:
-    """The training's MLflow run when this tracking store has it; else None (a new run is made,
-    e.g. for a run directory trained against another store)."""
-    if not run_id:
-        return None
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        MlflowClient().get_run(run_id)
-        return run_id
-    except MlflowException:
-        return None
-
-
 def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[str, Any], cfg: Any,
                       generator: Path) -> Any:
     import mlflow
@@ -289,7 +274,7 @@ def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[st
         (package / "__init__.py").write_text('"""ganpipe\'s networks, shipped with a registered generator."""\n')
         shutil.copyfile(Path(__file__).with_name("models.py"), package / "networks.py")
         experiment = tracking.experiment_id(cfg.registry.name)
-        with mlflow.start_run(run_id=_known_run(info.get("mlflow_run_id")), experiment_id=experiment,
+        with mlflow.start_run(run_id=tracking.known_run(info.get("mlflow_run_id")), experiment_id=experiment,
                               run_name=run_dir.name):
             logged = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT, python_model=str(Path(__file__).with_name("mlflow_model.py")),

@@ -47,6 +47,22 @@ def experiment_id(name: str) -> str:
         return existing.experiment_id
 
 
+def known_run(run_id: str | None) -> str | None:
+    """`run_id` when this tracking store has that run, else None (a run directory trained
+    against another store, or a store that was reset)."""
+    if not run_id:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure_mlflow()
+    try:
+        MlflowClient().get_run(run_id)
+        return run_id
+    except MlflowException:
+        return None
+
+
 def git_commit() -> str | None:
     """The commit of the checkout ganpipe runs from, when it is one (else None)."""
     try:
