@@ -60,7 +60,7 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
                       inception_weights=inception_weights)
     results = evaluate(ctx, metrics)
     if loaded is not None and loaded.source.get("run_dir") and not fake.startswith("models:/"):
-        record_evaluation(Path(loaded.source["run_dir"]), results, num_samples)
+        record_evaluation(Path(loaded.source["run_dir"]), results, num_samples, loaded.source["generator_sha256"])
     return results
 
 
@@ -74,14 +74,17 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
                                                                        _label_weights(data, loaded)),
                       bootstrap=cfg.eval.bootstrap, seed=cfg.seed, inception_weights=cfg.eval.inception_weights)
     results = evaluate(ctx, cfg.eval.metrics)
-    return record_evaluation(run_dir, results, n)
+    return record_evaluation(run_dir, results, n, loaded.source["generator_sha256"])
 
 
-def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int) -> dict[str, Any]:
-    """Write evaluation.json into the run (registration reads it) and log to its MLflow run."""
+def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,
+                      generator_sha256: str | None = None) -> dict[str, Any]:
+    """Write evaluation.json into the run (registration reads it) and log to its MLflow run.
+    `generator_sha256` names the weights evaluated: registration ignores an evaluation of others."""
     failed = [name for name, r in results.items() if r.get("value") is None]
     evaluation = {"status": "failed" if len(failed) == len(results) else "ok", "metrics": results,
-                  "failed": failed, "num_samples": num_samples, "evaluated_at": time.time()}
+                  "failed": failed, "num_samples": num_samples, "evaluated_at": time.time(),
+                  "generator_sha256": generator_sha256}
     storage.write_json_atomic(str(run_dir / "evaluation.json"), evaluation)
     from ganpipe import tracking
 
