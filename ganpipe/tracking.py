@@ -31,10 +31,18 @@ def is_server() -> bool:
 def configure_mlflow() -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    if is_embedded():
+    uri = tracking_uri()
+    embedded = is_embedded()
+    mlflow.set_tracking_uri(uri)
+    if embedded:
         # The model registry lives in the same sqlite file.
-        mlflow.set_registry_uri(tracking_uri())
+        mlflow.set_registry_uri(uri)
+        # MLflow also exports what it is given as MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI.
+        # Left there, the embedded default would look user-configured from then on: it would stop
+        # following GANPIPE_HOME in this process and override it in every child process.
+        for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            if os.environ.get(variable) == uri:
+                del os.environ[variable]
 
 
 def experiment_id(name: str) -> str:
