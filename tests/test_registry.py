@@ -267,8 +267,8 @@ mlflow.set_tracking_uri(sys.argv[1])
 plain = mlflow.pyfunc.load_model("models:/tiny-digits@champion")
 cond = mlflow.pyfunc.load_model("models:/tiny-digits-cgan@champion")
 out = {
-    "plain": plain.predict(pd.DataFrame({"seed": [5, 6, 7]})),
-    "plain_again": plain.predict(pd.DataFrame({"seed": [7, 5]})),
+    "plain": plain.predict(pd.DataFrame({"seed": [5, 6, 2**40 + 7]})),
+    "plain_again": plain.predict(pd.DataFrame({"seed": [2**40 + 7, 5]})),
     "truncated": plain.predict(pd.DataFrame({"seed": [5, 6]}), params={"truncation": 0.5}),
     "cond": cond.predict(pd.DataFrame({"seed": [5, 5, 6], "label": [0, 3, 9]})),
     "empty": plain.predict(pd.DataFrame({"seed": pd.Series([], dtype="int64")})),
@@ -310,7 +310,7 @@ def test_load_by_alias_in_a_fresh_process(tiny_run: Path, tiny_conditional_run: 
     assert out["empty"].dtype == np.uint8 and out["empty"].shape == (0, 16, 16, 1)
     # Same seed, same image, whatever else is in the batch; and exactly what ganpipe generates.
     assert (out["plain_again"][0] == out["plain"][2]).all() and (out["plain_again"][1] == out["plain"][0]).all()
-    assert (out["plain"] == generate(plain.generator, plain.spec, [5, 6, 7]).numpy()).all()
+    assert (out["plain"] == generate(plain.generator, plain.spec, [5, 6, 2**40 + 7]).numpy()).all()
     assert (out["truncated"] == generate(plain.generator, plain.spec, [5, 6], truncation=0.5).numpy()).all()
     assert not (out["truncated"] == out["plain"][:2]).all()
     assert (out["cond"] == generate(cond.generator, cond.spec, [5, 5, 6], [0, 3, 9]).numpy()).all()
