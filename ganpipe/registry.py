@@ -113,9 +113,9 @@ def load_generator(ref: str, device: str | torch.device = "cpu") -> LoadedGenera
         version = resolve_version(ref)
         expected = (version.tags or {}).get(SHA_TAG)
         generator, spec, sha = read_generator(_download_version(version, expected))
-        if expected and sha != expected:
-            raise UserError(f"{ref}: the stored weights (sha256 {sha[:12]}) are not the ones registered "
-                            f"({expected[:12]}); refusing to load them")
+        if expected and sha != expected:  # the local cache was altered after the download
+            raise UserError(f"{ref}: cached weights (sha256 {sha[:12]}) are not the ones registered "
+                            f"({expected[:12]}); delete {storage.ganpipe_home() / 'cache' / 'models'}")
         source = {"model_uri": f"models:/{version.name}/{version.version}", "name": version.name,
                   "version": int(version.version), "run_id": version.run_id,
                   "run_dir": (version.tags or {}).get("ganpipe.run_dir")}
@@ -132,8 +132,9 @@ def load_generator(ref: str, device: str | torch.device = "cpu") -> LoadedGenera
 
 
 def _download_version(version: Any, expected_sha: str | None) -> Path:
-    """The version's spec.json + generator.safetensors in a local folder. Downloads are cached by
-    the weights' sha256 (not by name/version, which another store may reuse for other weights)."""
+    """The version's spec.json + generator.safetensors in a local folder, checked against the
+    sha256 the version was registered with. Downloads are cached by that sha256 (not by
+    name/version, which another store may reuse for other weights)."""
     import mlflow
 
     cache_root = storage.ganpipe_home() / "cache" / "models"
@@ -145,7 +146,11 @@ def _download_version(version: Any, expected_sha: str | None) -> Path:
         found = next(iter(local.rglob("generator.safetensors")), None)
         if found is None or not (found.parent / "spec.json").exists():
             raise UserError(f"models:/{version.name}/{version.version} is not a ganpipe generator")
-        cache = cache_root / storage.sha256_file(found)
+        sha = storage.sha256_file(found)
+        if expected_sha and sha != expected_sha:
+            raise UserError(f"models:/{version.name}/{version.version}: the stored weights (sha256 {sha[:12]}) "
+                            f"are not the ones registered ({expected_sha[:12]}); refusing to load them")
+        cache = cache_root / sha
         if not (cache / "spec.json").exists():
             with storage.atomic_directory(cache) as target:
                 shutil.copyfile(found, target / "generator.safetensors")
