@@ -250,11 +250,11 @@ def test_register_rejects_bad_input(tiny_run: Path, tmp_path: Path) -> None:
 
 # --- loading where ganpipe is not installed ---------------------------------------------------------
 
-FRESH_PROCESS = r"""
+# The start of a script for a fresh interpreter, where importing ganpipe fails outright.
+WITHOUT_GANPIPE = r"""
 import importlib.abc, json, sys
 
 class NoGanpipe(importlib.abc.MetaPathFinder):
-    # Loading a registered generator must not need ganpipe: refuse it outright.
     def find_spec(self, name, path=None, target=None):
         if name == "ganpipe" or name.startswith("ganpipe."):
             raise ImportError(f"{name} imported while loading a registered model")
@@ -262,6 +262,20 @@ class NoGanpipe(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoGanpipe())
 import mlflow, numpy as np, pandas as pd, torch
+"""
+
+
+def run_without_ganpipe(script: str, *args: str, cwd: Path, drop_env: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run WITHOUT_GANPIPE + script in a fresh interpreter (not on this checkout's path); its last
+    stdout line is JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and k not in drop_env}
+    check = subprocess.run([sys.executable, "-c", WITHOUT_GANPIPE + script, *args], capture_output=True,
+                           text=True, cwd=cwd, env=env, timeout=600)
+    assert check.returncode == 0, check.stderr[-3000:]
+    return json.loads(check.stdout.strip().splitlines()[-1])
+
+
+FRESH_PROCESS = r"""
 
 mlflow.set_tracking_uri(sys.argv[1])
 plain = mlflow.pyfunc.load_model("models:/tiny-digits@champion")
@@ -295,11 +309,7 @@ def test_load_by_alias_in_a_fresh_process(tiny_run: Path, tiny_conditional_run: 
     arrays = tmp_path / "out.npz"
     from ganpipe import tracking
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    check = subprocess.run([sys.executable, "-c", FRESH_PROCESS, tracking.tracking_uri(), str(arrays)],
-                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert check.returncode == 0, check.stderr[-3000:]
-    report = json.loads(check.stdout.strip().splitlines()[-1])
+    report = run_without_ganpipe(FRESH_PROCESS, tracking.tracking_uri(), str(arrays), cwd=tmp_path)
     assert report["modules"] == ["ganpipe_generator", "ganpipe_generator.networks"]
     assert "outside 0..9" in report["errors"]["label_out_of_range"]
     assert report["errors"]["label_missing"] is not None and "label" in report["errors"]["label_missing"]
