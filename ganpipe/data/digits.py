@@ -16,7 +16,7 @@ from PIL import Image
 from ganpipe import storage
 from ganpipe.errors import UserError
 
-BUILTINS = ("digits",)
+BUILTINS = ("digits", "gaussians25")
 
 
 def builtin_dataset_path(source: str) -> Path:
@@ -25,7 +25,12 @@ def builtin_dataset_path(source: str) -> Path:
         raise UserError(f"data.source: unknown builtin dataset {name!r} (available: {', '.join(BUILTINS)})")
     target = storage.ganpipe_home() / "datasets" / name
     if not (target / "dataset_info.json").exists():
-        write_digits(target)
+        if name == "gaussians25":
+            from ganpipe.data.gaussians import write_gaussians
+
+            write_gaussians(target)
+        else:
+            write_digits(target)
     return target
 
 
