@@ -290,10 +290,23 @@ class Trainer:
         decay = min(self.cfg.train.ema_decay, (1 + self.g_updates) / (10 + self.g_updates))
         update_ema(self.nets.ema, self.nets.g_raw, decay)
 
+    def set_learning_rates(self) -> None:
+        """Linear decay to 0 from train.lr_decay_start * steps: a function of the step alone,
+        so a resumed run follows the same schedule."""
+        t = self.cfg.train
+        factor = 1.0
+        if t.lr_decay == "linear":
+            start = t.lr_decay_start * t.steps
+            factor = 1.0 - max(0.0, self.step - start) / max(t.steps - start, 1.0)
+        for optimizer, base in ((self.nets.opt_g, t.g_lr), (self.nets.opt_d, t.d_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor
+
     def iteration(self) -> dict[str, torch.Tensor]:
         """One training step: k D updates then one G update, or one update of the side the
         adaptive schedule is on."""
         t = self.cfg.train
+        self.set_learning_rates()
         stats: dict[str, torch.Tensor] = {}
         if t.schedule == "fixed":
             for _ in range(t.d_steps):
@@ -358,13 +371,18 @@ class Trainer:
                                           self.cfg.train.keep_checkpoints)
 
     def preview(self) -> Path | None:
-        """A grid of EMA samples on fixed seeds (images only)."""
-        if not self.accelerator.is_main_process or not self.spec.is_image:
+        """EMA samples on fixed seeds: an image grid, or for vectors a scatter over real data."""
+        if not self.accelerator.is_main_process:
             return None
-        labels = [i % self.spec.num_classes for i in self.preview_seeds] if self.spec.conditional else None
-        images = generate(self.nets.ema, self.spec, self.preview_seeds, labels, device=self.device)
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
-        save_grid(images, path)
+        seeds = self.preview_seeds if self.spec.is_image else list(range(1000))
+        labels = [i % self.spec.num_classes for i in seeds] if self.spec.conditional else None
+        samples = generate(self.nets.ema, self.spec, seeds, labels, device=self.device)
+        if self.spec.is_image:
+            save_grid(samples, path)
+        else:
+            real, _ = self.data.gather(np.arange(min(1000, self.data.num_records)))
+            save_scatter(samples.numpy(), real, path)
         return path
 
     def write_generator(self) -> None:
@@ -412,6 +430,32 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
         array = array[:, :, 0]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def save_scatter(samples: np.ndarray, real: np.ndarray, path: Path, size: int = 400) -> None:
+    """Generated points (black) over real ones (light blue), first two columns, to one PNG."""
+    from PIL import Image, ImageDraw
+
+    both = np.concatenate([samples[:, :2], real[:, :2]]) if samples.shape[1] > 1 else None
+    if both is None:  # one column: plot it against the sample index
+        samples = np.stack([np.arange(len(samples)), samples[:, 0]], axis=1)
+        real = np.stack([np.arange(len(real)), real[:, 0]], axis=1)
+        both = np.concatenate([samples, real])
+    low, high = np.nanpercentile(both, 0.5, axis=0), np.nanpercentile(both, 99.5, axis=0)
+    span = np.where(high > low, high - low, 1.0) * 1.1
+    centre = (high + low) / 2
+
+    def pixels(points: np.ndarray) -> np.ndarray:
+        scaled = (points[:, :2] - centre) / span + 0.5
+        return np.stack([scaled[:, 0] * size, (1 - scaled[:, 1]) * size], axis=1)
+
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for colour, points in (((150, 190, 255), real), ((0, 0, 0), samples)):
+        for x, y in pixels(points):
+            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
 
 
 class Progress:
@@ -531,6 +575,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 elapsed = time.time() - window_start
                 images = (step - window_step) * t.batch_size * (t.d_steps if t.schedule == "fixed" else 1)
                 metrics["images_per_sec"] = images / elapsed if elapsed > 0 else 0.0
+                metrics["g_lr"] = trainer.nets.opt_g.param_groups[0]["lr"]
+                metrics["d_lr"] = trainer.nets.opt_d.param_groups[0]["lr"]
                 window_start, window_step = time.time(), step
                 logger.metrics(metrics, step)
             progress.update(step, metrics)

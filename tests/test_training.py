@@ -268,6 +268,22 @@ def test_gradient_accumulation_and_adaptive_schedule(tmp_path: Path) -> None:
     assert out["d_updates"] > 0 and out["g_updates"] > 0 and out["d_updates"] + out["g_updates"] == 30
 
 
+def test_linear_learning_rate_decay(tmp_path: Path) -> None:
+    import mlflow
+
+    config = _gaussians_config(tmp_path, ", lr_decay: linear, lr_decay_start: 0.5, g_lr: 0.001, d_lr: 0.002")
+    result = run_cli("train", str(config), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    mlflow.set_tracking_uri(f"sqlite:///{os.environ['GANPIPE_HOME']}/mlflow.db")
+    client = mlflow.MlflowClient()
+    run_id = last_json(result.stdout)["mlflow_run_id"]
+    g_lr = {m.step: m.value for m in client.get_metric_history(run_id, "g_lr")}
+    d_lr = {m.step: m.value for m in client.get_metric_history(run_id, "d_lr")}
+    # 30 steps, decay from step 15: full rate at step 10 (set before update 10), then linear to 0.
+    assert g_lr[10] == pytest.approx(0.001) and d_lr[10] == pytest.approx(0.002)
+    assert g_lr[20] == pytest.approx(0.001 * (1 - 4 / 15)) and g_lr[30] == pytest.approx(0.001 / 15)
+
+
 def test_k_discriminator_steps_per_generator_step(tmp_path: Path) -> None:
     result = run_cli("train", str(_gaussians_config(tmp_path, ", d_steps: 3, steps: 10")), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
