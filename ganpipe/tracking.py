@@ -19,30 +19,29 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{storage.ganpipe_home() / 'mlflow.db'}"
 
 
-def is_embedded() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI")
-
-
 def is_server() -> bool:
     """A tracking server owns its artifact location (e.g. --artifacts-destination s3://...)."""
     return tracking_uri().split(":", 1)[0] in ("http", "https", "databricks")
 
 
 def configure_mlflow() -> None:
+    """Point this process's MLflow client at the configured store, registry included."""
     import mlflow
 
     uri = tracking_uri()
-    embedded = is_embedded()
+    user_set = {variable: os.environ.get(variable) for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
-    if embedded:
-        # The model registry lives in the same sqlite file.
-        mlflow.set_registry_uri(uri)
-        # MLflow also exports what it is given as MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI.
-        # Left there, the embedded default would look user-configured from then on: it would stop
-        # following GANPIPE_HOME in this process and override it in every child process.
-        for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-            if os.environ.get(variable) == uri:
-                del os.environ[variable]
+    # The registry lives with the runs (the same sqlite file, or the server) unless
+    # MLFLOW_REGISTRY_URI says otherwise; set it every time, as MLflow keeps it process-wide.
+    mlflow.set_registry_uri(user_set["MLFLOW_REGISTRY_URI"] or uri)
+    # MLflow also exports what it is given to os.environ. Put the environment back as the user
+    # set it: otherwise the embedded default would stop following GANPIPE_HOME in this process
+    # and override it in every child process.
+    for variable, value in user_set.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
 
 
 def experiment_id(name: str) -> str:

@@ -77,6 +77,28 @@ def aliases_of(name: str) -> dict[str, int]:
     return {alias: int(version) for alias, version in (model.aliases or {}).items()}
 
 
+def test_mlflow_store_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process may see several homes and servers (a worker, this test session): the store is
+    whatever GANPIPE_HOME / MLFLOW_TRACKING_URI say now, for runs and registry alike."""
+    import mlflow
+
+    from ganpipe import tracking
+
+    def configured() -> tuple[str, str]:
+        tracking.configure_mlflow()
+        return mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+
+    for home in (tmp_path / "a", tmp_path / "b"):
+        monkeypatch.setenv("GANPIPE_HOME", str(home))
+        assert configured() == (f"sqlite:///{home}/mlflow.db",) * 2
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+        assert not tracking.is_server()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert configured() == ("http://127.0.0.1:9",) * 2 and tracking.is_server()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert configured() == (f"sqlite:///{tmp_path / 'b'}/mlflow.db",) * 2
+
+
 # --- the promotion rule, pure ----------------------------------------------------------------------
 
 
@@ -159,11 +181,11 @@ def test_register_records_lineage_and_artifacts_and_is_idempotent(tiny_run: Path
     from PIL import Image
 
     grid = np.asarray(Image.open(folder / "samples.png"))
-    assert grid.shape == (146, 146, 3)  # 64 samples of 16x16, 8 a row, 2 px apart
+    assert grid.shape == (146, 146)  # 64 greyscale samples of 16x16, 8 a row, 2 px apart
     loaded = load_generator(str(run))
     first = generate(loaded.generator, loaded.spec, [0, 9])
-    assert (grid[2:18, 2:18, 0] == first[0, :, :, 0].numpy()).all()  # seed 0, top left
-    assert (grid[20:36, 20:36, 0] == first[1, :, :, 0].numpy()).all()  # seed 9, row 2 column 2
+    assert (grid[2:18, 2:18] == first[0, :, :, 0].numpy()).all()  # seed 0, top left
+    assert (grid[20:36, 20:36] == first[1, :, :, 0].numpy()).all()  # seed 9, row 2 column 2
 
     # The signature and input example travel with the model.
     import mlflow
