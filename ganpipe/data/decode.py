@@ -4,7 +4,8 @@ Kept free of torch and datasets imports so pool workers start fast.
 
 Preprocessing policy (documented in the README):
 - mode: converted to L (1 channel) or RGB (3 channels); palette and alpha images go through RGBA,
-  and alpha is dropped (colour values kept), so L, RGB, RGBA and P inputs mix freely.
+  and alpha is dropped (colour values kept), so L, RGB, RGBA and P inputs mix freely; 16-bit
+  greyscale is scaled into 8 bits (65535 -> 255) rather than clipped.
 - size: `center_crop` scales the shorter side to the resolution (bicubic, anti-aliased when
   shrinking) and crops the centre square; `pad` scales the longer side and pads with black;
   `stretch` scales both sides, ignoring the aspect ratio.
@@ -17,9 +18,9 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "F"}  # and the 16-bit modes, I;16*
 
 
 @dataclass(frozen=True)
@@ -29,36 +30,43 @@ class ImageSpec:
     resize: str  # center_crop | pad | stretch
 
 
+Record = tuple[bytes | None, str | None]  # encoded bytes, or a local path the worker reads
+
+
 def open_image(data: bytes | None, path: str | None) -> Image.Image:
     if data is not None:
         image = Image.open(io.BytesIO(data))
     elif path:
         image = Image.open(path)
     else:
-        raise ValueError("no image data")
+        raise ValueError("missing image")
     image.load()
     return image
 
 
 def is_grayscale(image: Image.Image) -> bool:
-    return image.mode in GRAYSCALE_MODES
+    return image.mode in GRAYSCALE_MODES or image.mode.startswith("I;16")
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    target = "L" if channels == 1 else "RGB"
+    if image.mode == target:
+        return image
+    if image.mode.startswith("I;16"):
+        # 16-bit greyscale: 65535 -> 255, rather than PIL's clipping at 255.
+        scaled = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64).round(), 0, 255).astype(np.uint8), mode="L")
+    elif not is_grayscale(image) and image.mode != "RGB":
+        image = image.convert("RGBA")  # palettes (with transparency) and other modes; alpha dropped below
+    return image.convert(target)
 
 
 def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    target_mode = "L" if spec.channels == 1 else "RGB"
-    if image.mode == "P" or (image.mode not in ("L", "RGB") and image.mode not in GRAYSCALE_MODES):
-        image = image.convert("RGBA")
-    if image.mode in ("I", "I;16", "F"):
-        # 16-bit and float greyscale: scale the full range into 8 bits rather than clipping.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
-        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
-    if image.mode != target_mode:
-        image = image.convert(target_mode)
-    image = resize(image, spec)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
+    image = resize(to_mode(image, spec.channels), spec)
+    array = np.frombuffer(image.tobytes(), dtype=np.uint8)
+    return array.reshape(spec.resolution, spec.resolution, spec.channels)
 
 
 def resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
@@ -82,17 +90,21 @@ def resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
     return canvas
 
 
-def decode_chunk(records: list[tuple[bytes | None, str | None]], spec: ImageSpec
-                 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def decode_chunk(records: list[Record], spec: ImageSpec) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode a chunk. Returns the stacked images of the good records (in order) and, for the bad
     ones, (position in chunk, reason)."""
     out = np.empty((len(records), spec.resolution, spec.resolution, spec.channels), dtype=np.uint8)
     bad: list[tuple[int, str]] = []
     kept = 0
     for position, (data, path) in enumerate(records):
+        if data is None and not path:
+            bad.append((position, "missing image"))
+            continue
         try:
             out[kept] = preprocess(open_image(data, path), spec)
             kept += 1
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            bad.append((position, f"undecodable image: {exc}"))
+        except FileNotFoundError:
+            bad.append((position, f"image file not found: {path}"))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is this record's fault
+            bad.append((position, f"undecodable image: {type(exc).__name__}: {exc}"))
     return out[:kept], bad
