@@ -35,12 +35,17 @@ import numpy as np
 from ganpipe import storage
 from ganpipe.config import DataConfig
 from ganpipe.data.decode import ImageSpec, Record, decode_chunk, is_grayscale, open_image
-from ganpipe.data.sources import IMAGE_EXTENSIONS, datasets_without_torch, open_dataset, resolve_source
+from ganpipe.data.sources import (
+    BATCH_ROWS,
+    IMAGE_EXTENSIONS,
+    datasets_without_torch,
+    open_dataset,
+    resolve_source,
+)
 from ganpipe.errors import UserError
 
 PREPARED_FORMAT = 2  # bump when the layout or the preprocessing changes
 LABEL_NAMES = ("label", "labels", "class", "target", "y", "category")
-BATCH_ROWS = 512  # rows per Arrow batch read from the source, and at most per decode task
 CHUNK_BYTES = 16 << 20  # encoded bytes per decode task at most: large images do not pile up in flight
 PARALLEL_MIN_RECORDS = 2048  # below this, worker processes cost more than they save
 CHANNEL_SAMPLE = 64  # records looked at to choose 1 or 3 channels when data.channels is not set
@@ -422,7 +427,8 @@ class Preparer:
                 matrix[:, j], problems = _numeric(table.column(column))
                 for i in np.flatnonzero(problems & keep):
                     value = table.column(column)[int(i)].as_py()
-                    self._bad(first_row + int(i), f"non-numeric value {value!r} in column {column!r}")
+                    what = "missing value" if value is None else f"non-numeric value {value!r}"
+                    self._bad(first_row + int(i), f"{what} in column {column!r}")
                 keep &= ~problems
             stats.add(matrix[keep])
             writer.add(matrix[keep].astype(np.float32))

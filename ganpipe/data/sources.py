@@ -36,6 +36,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
 SAVE_TO_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+BATCH_ROWS = 512  # rows per Arrow batch read from a source
 
 
 @dataclass
@@ -76,17 +77,17 @@ def _resolve_local(path: Path, uri: str) -> Source:
         return Source(uri, "save_to_disk", _hash_local_files(files, path), f"save_to_disk folder {path}",
                       root=str(path))
     if path.is_dir():
-        images = _files_with(path, IMAGE_EXTENSIONS)
+        # Tables first: a table may name image files kept beside it; an image folder's only table
+        # is its optional metadata.csv/.jsonl/.parquet (which _files_with leaves out).
         tables = _files_with(path, TABLE_BUILDERS)
-        if images:
-            # An image folder may carry a metadata.csv/.jsonl/.parquet beside the images (imagefolder).
-            metadata = [p for p in path.rglob("metadata.*") if p.is_file()]
-            files = sorted(images + metadata)
-            return Source(uri, "imagefolder", _hash_local_files(files, path), f"image folder {path}",
-                          files=[str(f) for f in images], root=str(path))
-        if not tables:
+        if tables:
+            return _table_source(uri, tables, path, str(path))
+        images = _files_with(path, IMAGE_EXTENSIONS)
+        if not images:
             raise UserError(f"data.source: {path} holds no parquet, CSV or image files")
-        return _table_source(uri, tables, path, str(path))
+        metadata = [p for p in path.rglob("metadata.*") if p.is_file()]
+        return Source(uri, "imagefolder", _hash_local_files(sorted(images + metadata), path), f"image folder {path}",
+                      files=[str(f) for f in images], root=str(path))
     files = sorted(Path(p) for p in glob.glob(str(path), recursive=True)) if glob.has_magic(str(path)) else [path]
     files = [f for f in files if f.is_file()]
     if not files:
@@ -142,15 +143,15 @@ def _resolve_s3(uri: str, cfg: DataConfig, endpoint_url: str | None) -> Source:
     keys = [key for key, _, _ in entries]
     images = [k for k in keys if PurePosixPath(k).suffix.lower() in IMAGE_EXTENSIONS]
     tables = [k for k in keys if PurePosixPath(k).suffix.lower() in TABLE_BUILDERS and PurePosixPath(k).stem != "metadata"]
+    if tables:
+        builder = _table_builder(tables, uri)
+        return Source(uri, builder, digest, f"{builder} files {uri}", files=[f"s3://{k}" for k in tables],
+                      root=f"s3://{root}")
     if images:
         # Like a local image folder with split subfolders (train/, test/): keep data.split's.
         in_split = [k for k in images if _relative(k, root).split("/", 1)[0] == cfg.split]
         return Source(uri, "imagefolder", digest, f"image folder {uri}",
                       files=[f"s3://{k}" for k in in_split or images], root=f"s3://{root}")
-    if tables:
-        builder = _table_builder(tables, uri)
-        return Source(uri, builder, digest, f"{builder} files {uri}", files=[f"s3://{k}" for k in tables],
-                      root=f"s3://{root}")
     raise UserError(f"data.source: {uri} holds no parquet, CSV or image files")
 
 
@@ -212,8 +213,11 @@ def open_dataset(source: Source, cfg: DataConfig, endpoint_url: str | None = Non
     if source.format == "imagefolder" and options is None:
         # data_dir lets datasets find split subfolders (train/, test/) and label subfolders itself.
         return datasets.load_dataset("imagefolder", data_dir=source.root, split=cfg.split, streaming=True)
+    # Parquet is read in batches of BATCH_ROWS rows, not whole row groups (which also copes with
+    # files that hold no rows, where datasets would otherwise ask for batches of 0 rows).
+    batching = {"batch_size": BATCH_ROWS} if source.format == "parquet" else {}
     return datasets.load_dataset(source.format, data_files=source.files, split="train", streaming=True,
-                                 storage_options=options)
+                                 storage_options=options, **batching)
 
 
 @contextmanager
