@@ -90,6 +90,10 @@ def resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
     return canvas
 
 
+def warm_up() -> None:
+    """A worker's first task: importing this module is the work."""
+
+
 def decode_chunk(records: list[Record], spec: ImageSpec) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode a chunk. Returns the stacked images of the good records (in order) and, for the bad
     ones, (position in chunk, reason)."""

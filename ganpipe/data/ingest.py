@@ -34,7 +34,7 @@ import numpy as np
 
 from ganpipe import storage
 from ganpipe.config import DataConfig
-from ganpipe.data.decode import ImageSpec, Record, decode_chunk, is_grayscale, open_image
+from ganpipe.data.decode import ImageSpec, Record, decode_chunk, is_grayscale, open_image, warm_up
 from ganpipe.data.sources import (
     BATCH_ROWS,
     IMAGE_EXTENSIONS,
@@ -48,6 +48,7 @@ PREPARED_FORMAT = 2  # bump when the layout or the preprocessing changes
 LABEL_NAMES = ("label", "labels", "class", "target", "y", "category")
 CHUNK_BYTES = 16 << 20  # encoded bytes per decode task at most: large images do not pile up in flight
 PARALLEL_MIN_RECORDS = 2048  # below this, worker processes cost more than they save
+PARALLEL_MIN_BYTES = 1 << 20  # image sources this large start their workers before anything is read
 CHANNEL_SAMPLE = 64  # records looked at to choose 1 or 3 channels when data.channels is not set
 
 
@@ -75,11 +76,16 @@ def ingest(cfg: DataConfig, endpoint_url: str | None = None, workers: int | None
     if storage.exists(meta_uri, endpoint_url):
         return _result(storage.read_json(meta_uri, endpoint_url), location, cached=True)
 
-    with tempfile.TemporaryDirectory(dir=_scratch_dir(location)) as scratch, datasets_without_torch():
+    workers = workers if workers is not None else min(available_cpus(), 8)
+    # Large image sources start their decode workers first, so that the workers' start-up overlaps
+    # with importing `datasets` and opening the source here.
+    start_workers = cfg.kind == "image" and source.num_bytes >= PARALLEL_MIN_BYTES
+    with tempfile.TemporaryDirectory(dir=_scratch_dir(location)) as scratch, \
+            DecodePool(workers, start=start_workers) as pool, datasets_without_torch():
         work = Path(scratch) / "prepared"
         work.mkdir()
         dataset = open_dataset(source, cfg, endpoint_url)
-        meta = Preparer(cfg, dataset, source.description, work, workers, endpoint_url, source.root).run()
+        meta = Preparer(cfg, dataset, source.description, work, pool, endpoint_url, source.root).run()
         meta.update({"fingerprint": fingerprint, "input_fingerprint": source.fingerprint,
                      "params": params, "format": PREPARED_FORMAT})
         (work / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -192,13 +198,13 @@ class Labels:
 class Preparer:
     """One pass over the source: validate, decode in parallel, write shards."""
 
-    def __init__(self, cfg: DataConfig, dataset: Any, description: str, out: Path, workers: int | None = None,
+    def __init__(self, cfg: DataConfig, dataset: Any, description: str, out: Path, pool: DecodePool,
                  endpoint_url: str | None = None, root: str = ""):
         self.cfg = cfg
         self.dataset = dataset  # datasets.Dataset or IterableDataset
         self.description = description
         self.out = out
-        self.workers = workers if workers is not None else min(available_cpus(), 8)
+        self.pool = pool
         self.endpoint_url = endpoint_url
         self.root = root  # relative image paths in a table are relative to this
         self.skipped: list[dict[str, Any]] = []
@@ -325,16 +331,18 @@ class Preparer:
     def _label_ids(self, labels: Labels | None, table: Any, label_column: str | None, first_row: int,
                    keep: np.ndarray) -> np.ndarray:
         """Provisional label ids of a batch (-1 for no label); bad labels clear `keep`."""
-        ids = np.full(len(keep), -1, dtype=np.int64)
         if labels is None:
-            return ids
-        for i, value in enumerate(table.column(label_column).to_pylist()):
-            label_id, problem = labels.provisional_id(value)
-            if problem:
-                self._bad(first_row + i, problem)
-                keep[i] = False
-            else:
-                ids[i] = label_id
+            return np.full(len(keep), -1, dtype=np.int64)
+        # Each distinct value of the batch is checked once, not each row.
+        encoded = table.column(label_column).combine_chunks().dictionary_encode()
+        checked = [labels.provisional_id(value) for value in encoded.dictionary.to_pylist()]
+        checked.append((None, "missing label"))  # where the column holds a null
+        value_ids = np.array([-1 if label_id is None else label_id for label_id, _ in checked], dtype=np.int64)
+        index = encoded.indices.fill_null(len(checked) - 1).to_numpy(zero_copy_only=False)
+        ids = value_ids[index]
+        for i in np.flatnonzero(ids < 0):
+            self._bad(first_row + int(i), checked[index[i]][1])
+            keep[i] = False
         return ids
 
     def _run_images(self, columns: dict[str, Any], label_column: str | None, labels: Labels | None
@@ -357,22 +365,23 @@ class Preparer:
             if label_writer is not None:
                 label_writer.add(label_ids[good])
 
-        with DecodePool(self.workers, getattr(self.dataset, "num_rows", None)) as pool:
-            for first_row, table in self._batches(wanted):
-                keep = np.ones(table.num_rows, dtype=bool)
-                label_ids = self._label_ids(labels, table, label_column, first_row, keep)
-                records = self._fetch_remote([self._record(value) for value in table.column(image_column).to_pylist()])
-                if spec is None:
-                    spec = ImageSpec(self.cfg.resolution, self.cfg.channels or _detect_channels(records),
-                                     self.cfg.resize)
-                kept = np.flatnonzero(keep)
-                for part in _split_by_bytes(kept, records):
-                    in_flight.append((pool.submit([records[i] for i in part], spec),
-                                      (first_row + part).tolist(), label_ids[part]))
-                    while len(in_flight) > 2 * max(self.workers, 1):
-                        collect()
-            while in_flight:
-                collect()
+        if (getattr(self.dataset, "num_rows", None) or 0) >= PARALLEL_MIN_RECORDS:
+            self.pool.start()
+        for first_row, table in self._batches(wanted):
+            keep = np.ones(table.num_rows, dtype=bool)
+            label_ids = self._label_ids(labels, table, label_column, first_row, keep)
+            records = self._fetch_remote([self._record(value) for value in table.column(image_column).to_pylist()])
+            if spec is None:
+                spec = ImageSpec(self.cfg.resolution, self.cfg.channels or _detect_channels(records),
+                                 self.cfg.resize)
+            kept = np.flatnonzero(keep)
+            for part in _split_by_bytes(kept, records):
+                in_flight.append((self.pool.submit([records[i] for i in part], spec),
+                                  (first_row + part).tolist(), label_ids[part]))
+                while len(in_flight) > 2 * max(self.pool.workers, 1):
+                    collect()
+        while in_flight:
+            collect()
         self.shards += writer.close()
         if label_writer is not None:
             self.shards += label_writer.close()
@@ -463,16 +472,11 @@ def _detect_channels(records: list[Record]) -> int:
     return 1
 
 
-def _split_by_bytes(indices: np.ndarray, records: list[Record]) -> Iterator[np.ndarray]:
-    """Split a batch's record indices into decode tasks of at most CHUNK_BYTES encoded bytes."""
-    start, size = 0, 0
-    for n, i in enumerate(indices):
-        size += len(records[i][0] or b"")
-        if size > CHUNK_BYTES and n > start:
-            yield indices[start:n]
-            start, size = n, len(records[i][0] or b"")
-    if start < len(indices):
-        yield indices[start:]
+def _split_by_bytes(indices: np.ndarray, records: list[Record]) -> list[np.ndarray]:
+    """Split a batch's record indices into decode tasks of about CHUNK_BYTES encoded bytes at most."""
+    sizes = np.array([len(records[i][0] or b"") for i in indices], dtype=np.int64)
+    task = np.cumsum(sizes) // CHUNK_BYTES
+    return [indices] if not len(task) or task[-1] == 0 else [indices[task == t] for t in np.unique(task)]
 
 
 def _numeric(column: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -561,27 +565,30 @@ class ShardWriter:
 
 
 class DecodePool:
-    """Runs `decode_chunk` inline for small sources, in worker processes for large ones.
+    """Runs `decode_chunk` in worker processes, or inline while a source is too small to pay for them.
 
-    With `expected` rows unknown (streams), it starts the workers once PARALLEL_MIN_RECORDS rows have
-    gone through inline: a tiny dataset never pays for process start-up."""
+    Workers start on `start()`, or once PARALLEL_MIN_RECORDS rows have gone through inline (for
+    streams of unknown length): a tiny dataset never pays for process start-up."""
 
-    def __init__(self, workers: int, expected: int | None):
+    def __init__(self, workers: int, start: bool = False):
         self.workers = workers
         self.seen = 0
         self.executor: ProcessPoolExecutor | None = None
-        if expected is not None and expected >= PARALLEL_MIN_RECORDS:
-            self._start()
+        if start:
+            self.start()
 
-    def _start(self) -> None:
-        if self.workers > 1:
-            # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
-            self.executor = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+    def start(self) -> None:
+        if self.executor is not None or self.workers <= 1:
+            return
+        # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
+        self.executor = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        for _ in range(self.workers):  # start every worker now (each submit starts at most one)
+            self.executor.submit(warm_up)
 
     def submit(self, records: list[Record], spec: ImageSpec) -> Future:
         self.seen += len(records)
-        if self.executor is None and self.seen > PARALLEL_MIN_RECORDS:
-            self._start()
+        if self.seen > PARALLEL_MIN_RECORDS:
+            self.start()
         if self.executor is not None:
             return self.executor.submit(decode_chunk, records, spec)
         done: Future = Future()

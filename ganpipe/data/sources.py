@@ -49,6 +49,7 @@ class Source:
     description: str  # names the source in error messages
     files: list[str] = field(default_factory=list)  # data files: local paths or s3:// URIs
     root: str = ""  # folder or prefix that relative image paths in a table are resolved against
+    num_bytes: int = 0  # size of the data files (0 when unknown: hub)
     dataset: Any = None  # hub sources are opened while resolving them
 
 
@@ -75,7 +76,7 @@ def _resolve_local(path: Path, uri: str) -> Source:
         # state.json carries a random per-write id; the data files and the schema are the content.
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "state.json")
         return Source(uri, "save_to_disk", _hash_local_files(files, path), f"save_to_disk folder {path}",
-                      root=str(path))
+                      root=str(path), num_bytes=_size(files))
     if path.is_dir():
         # Tables first: a table may name image files kept beside it; an image folder's only table
         # is its optional metadata.csv/.jsonl/.parquet (which _files_with leaves out).
@@ -87,7 +88,7 @@ def _resolve_local(path: Path, uri: str) -> Source:
             raise UserError(f"data.source: {path} holds no parquet, CSV or image files")
         metadata = [p for p in path.rglob("metadata.*") if p.is_file()]
         return Source(uri, "imagefolder", _hash_local_files(sorted(images + metadata), path), f"image folder {path}",
-                      files=[str(f) for f in images], root=str(path))
+                      files=[str(f) for f in images], root=str(path), num_bytes=_size(images))
     files = sorted(Path(p) for p in glob.glob(str(path), recursive=True)) if glob.has_magic(str(path)) else [path]
     files = [f for f in files if f.is_file()]
     if not files:
@@ -99,7 +100,7 @@ def _resolve_local(path: Path, uri: str) -> Source:
 def _table_source(uri: str, files: list[Path], root: Path, description: str) -> Source:
     builder = _table_builder([str(f) for f in files], description)
     return Source(uri, builder, _hash_local_files(files, root), f"{builder} files {description}",
-                  files=[str(f) for f in files], root=str(root))
+                  files=[str(f) for f in files], root=str(root), num_bytes=_size(files))
 
 
 def _table_builder(files: list[str], description: str) -> str:
@@ -112,6 +113,10 @@ def _table_builder(files: list[str], description: str) -> str:
 def _files_with(root: Path, extensions) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions
                   and p.stem != "metadata" and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _size(files: list[Path]) -> int:
+    return sum(Path(f).stat().st_size for f in files)
 
 
 def _hash_local_files(files: list[Path], root: Path) -> str:
@@ -141,17 +146,18 @@ def _resolve_s3(uri: str, cfg: DataConfig, endpoint_url: str | None) -> Source:
                      for key, info in listing.items() if not _hidden(key, root))
     digest = hashlib.sha256("\n".join(f"{_relative(k, root)}\0{e}\0{s}" for k, e, s in entries).encode()).hexdigest()
     keys = [key for key, _, _ in entries]
+    size = {key: s for key, _, s in entries}
     images = [k for k in keys if PurePosixPath(k).suffix.lower() in IMAGE_EXTENSIONS]
     tables = [k for k in keys if PurePosixPath(k).suffix.lower() in TABLE_BUILDERS and PurePosixPath(k).stem != "metadata"]
     if tables:
         builder = _table_builder(tables, uri)
         return Source(uri, builder, digest, f"{builder} files {uri}", files=[f"s3://{k}" for k in tables],
-                      root=f"s3://{root}")
+                      root=f"s3://{root}", num_bytes=sum(size[k] for k in tables))
     if images:
         # Like a local image folder with split subfolders (train/, test/): keep data.split's.
-        in_split = [k for k in images if _relative(k, root).split("/", 1)[0] == cfg.split]
-        return Source(uri, "imagefolder", digest, f"image folder {uri}",
-                      files=[f"s3://{k}" for k in in_split or images], root=f"s3://{root}")
+        images = [k for k in images if _relative(k, root).split("/", 1)[0] == cfg.split] or images
+        return Source(uri, "imagefolder", digest, f"image folder {uri}", files=[f"s3://{k}" for k in images],
+                      root=f"s3://{root}", num_bytes=sum(size[k] for k in images))
     raise UserError(f"data.source: {uri} holds no parquet, CSV or image files")
 
 
