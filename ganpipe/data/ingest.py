@@ -28,12 +28,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ganpipe import storage
-from ganpipe.config import DataConfig
 from ganpipe.data.decode import ImageSpec, Record, decode_chunk, is_grayscale, open_image, warm_up
 from ganpipe.data.sources import (
     BATCH_ROWS,
@@ -44,9 +43,12 @@ from ganpipe.data.sources import (
 )
 from ganpipe.errors import UserError
 
+if TYPE_CHECKING:  # decode workers import this package: keep their start-up light
+    from ganpipe.config import DataConfig
+
 PREPARED_FORMAT = 2  # bump when the layout or the preprocessing changes
 LABEL_NAMES = ("label", "labels", "class", "target", "y", "category")
-CHUNK_BYTES = 16 << 20  # encoded bytes per decode task at most: large images do not pile up in flight
+CHUNK_BYTES = 16 << 20  # bytes (encoded in + decoded out) per decode task: large images do not pile up
 PARALLEL_MIN_RECORDS = 2048  # below this, worker processes cost more than they save
 PARALLEL_MIN_BYTES = 1 << 20  # image sources this large start their workers before anything is read
 CHANNEL_SAMPLE = 64  # records looked at to choose 1 or 3 channels when data.channels is not set
@@ -375,7 +377,7 @@ class Preparer:
                 spec = ImageSpec(self.cfg.resolution, self.cfg.channels or _detect_channels(records),
                                  self.cfg.resize)
             kept = np.flatnonzero(keep)
-            for part in _split_by_bytes(kept, records):
+            for part in _decode_tasks(kept, records, spec):
                 in_flight.append((self.pool.submit([records[i] for i in part], spec),
                                   (first_row + part).tolist(), label_ids[part]))
                 while len(in_flight) > 2 * max(self.pool.workers, 1):
@@ -472,9 +474,11 @@ def _detect_channels(records: list[Record]) -> int:
     return 1
 
 
-def _split_by_bytes(indices: np.ndarray, records: list[Record]) -> list[np.ndarray]:
-    """Split a batch's record indices into decode tasks of about CHUNK_BYTES encoded bytes at most."""
-    sizes = np.array([len(records[i][0] or b"") for i in indices], dtype=np.int64)
+def _decode_tasks(indices: np.ndarray, records: list[Record], spec: ImageSpec) -> list[np.ndarray]:
+    """Split a batch's record indices into decode tasks of about CHUNK_BYTES at most, counting each
+    record's encoded bytes and its decoded image."""
+    decoded = spec.resolution * spec.resolution * spec.channels
+    sizes = np.array([len(records[i][0] or b"") + decoded for i in indices], dtype=np.int64)
     task = np.cumsum(sizes) // CHUNK_BYTES
     return [indices] if not len(task) or task[-1] == 0 else [indices[task == t] for t in np.unique(task)]
 

@@ -26,11 +26,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ganpipe import storage
-from ganpipe.config import DataConfig
 from ganpipe.errors import UserError
 
-if TYPE_CHECKING:  # `datasets` takes seconds to import; pool workers and cache hits never need it.
+if TYPE_CHECKING:  # `datasets` takes seconds to import; decode workers and cache hits never need it.
     import datasets
+
+    from ganpipe.config import DataConfig
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
