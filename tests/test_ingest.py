@@ -232,6 +232,29 @@ def test_mixed_image_modes_are_converted(tmp_path: Path) -> None:
     assert grey_out[4, 4, 4, 0] == 255
 
 
+def test_plain_png_fast_path_matches_pil() -> None:
+    """PNGs decoded without Image.open (decode.plain_png) have PIL's pixels; other PNGs go to PIL."""
+    from ganpipe.data.decode import plain_png
+
+    rng = np.random.default_rng(3)
+    smooth = np.add.outer(np.arange(20), np.arange(30)).astype(np.uint8) * 4  # filters other than noise's
+    for array, mode in [(rng.integers(0, 256, (20, 30), dtype=np.uint8), "L"), (smooth, "L"),
+                        (rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), "RGB"),
+                        (rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA"),
+                        (rng.integers(0, 256, (20, 30, 2), dtype=np.uint8), "LA")]:
+        encoded = png(array, mode)
+        fast = plain_png(encoded)
+        assert fast is not None and fast.mode == mode
+        assert np.array_equal(np.asarray(fast), np.asarray(Image.open(io.BytesIO(encoded)))), mode
+    buffer = io.BytesIO()
+    Image.fromarray(smooth).save(buffer, format="PNG", transparency=0)
+    palette = io.BytesIO()
+    Image.fromarray(smooth).convert("P").save(palette, format="PNG")
+    for other in (buffer.getvalue(), palette.getvalue(), png(smooth.astype(np.uint16) * 200),
+                  png(smooth)[:-20], b"\xff\xd8 a JPEG header"):
+        assert plain_png(other) is None
+
+
 def test_resize_policies(tmp_path: Path) -> None:
     wide = np.zeros((8, 16), dtype=np.uint8)
     wide[:, :4] = 255  # a white band on the left, cropped away by center_crop, padded by pad

@@ -80,6 +80,8 @@ def plain_png(data: bytes) -> Image.Image | None:
     mode = PNG_MODES.get(colour)
     if depth != 8 or mode is None or (compression, filtering, interlace) != (0, 0, 0):
         return None
+    if not 0 < width * height <= (Image.MAX_IMAGE_PIXELS or width * height):
+        return None  # Image.open refuses decompression bombs (and empty images) with its own error
     return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode)
 
 
