@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import datasets
 import numpy as np
 from PIL import Image
 
@@ -44,6 +43,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_digits(target: Path) -> None:
+    import datasets  # here, not at the top: a cache hit on builtin:digits need not import it
+
     images, labels = digits_arrays()
     encoded = []
     for image in images:
