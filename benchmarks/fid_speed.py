@@ -44,7 +44,9 @@ from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 from ganpipe.models import NetworkSpec, build_generator
 from ganpipe.registry import LoadedGenerator, load_generator
 
-NUMPY_ARRAYS = [np.dtype, np.ndarray, np._core.multiarray._reconstruct]  # torch-fidelity caches numpy statistics
+# torch-fidelity caches its statistics as numpy arrays: allow exactly what rebuilds those.
+NUMPY_ARRAYS = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, type(np.dtype(np.float32)),
+                type(np.dtype(np.float64))]
 
 
 class RealImages(Dataset):

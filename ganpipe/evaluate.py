@@ -54,14 +54,16 @@ def _prepare_real(src: str, resolution: int, channels: int | None, endpoint_url:
     return open_prepared(result.location, endpoint_url)
 
 
-def check_request(metrics: list[str], num_samples: int, inception_weights: str | None, origin: str) -> None:
-    """Bad input fails before any work: unknown metrics, too few samples, a weights file that is not there."""
+def check_request(metrics: list[str], num_samples: int, inception_weights: str | None,
+                  keys: tuple[str, str] = ("--num-samples", "--inception-weights")) -> None:
+    """Bad input fails before any work: unknown metrics, too few samples, a weights file that is
+    not there. `keys` name the sample count and weights settings as the user wrote them."""
     check_metric_names(metrics)
     if num_samples < 2:
-        raise UserError(f"{'--num-samples' if origin.startswith('--') else 'eval.num_samples'}: at least 2 needed")
+        raise UserError(f"{keys[0]}: at least 2 samples are needed (got {num_samples})")
     needs_inception = any(METRICS[m].extractor == "inception" for m in metrics)
     if needs_inception and inception_weights and not Path(inception_weights).expanduser().is_file():
-        raise UserError(f"{origin} {inception_weights}: file not found")
+        raise UserError(f"{keys[1]} {inception_weights}: file not found")
 
 
 def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int, *, bootstrap: int = 20,
@@ -69,7 +71,7 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
                      endpoint_url: str | None = None, num_processes: int = 1,
                      accelerator: Any | None = None) -> dict[str, Any]:
     """`ganpipe evaluate --real SRC --fake SRC`."""
-    check_request(metrics, num_samples, inception_weights, "--inception-weights")
+    check_request(metrics, num_samples, inception_weights)
     if num_processes > 1 and accelerator is None:
         request = {"real": real, "fake": fake, "metrics": metrics, "num_samples": num_samples, "bootstrap": bootstrap,
                    "inception_weights": inception_weights, "resolution": resolution, "seed": seed,
@@ -102,7 +104,7 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
 def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """The pipeline's evaluate task: the run's EMA generator against its own training data."""
     e = cfg.eval
-    check_request(e.metrics, e.num_samples, e.inception_weights, "eval.inception_weights")
+    check_request(e.metrics, e.num_samples, e.inception_weights, ("eval.num_samples", "eval.inception_weights"))
     info = runs.read_info(run_dir)
     data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
     device = default_device()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,7 +115,7 @@ class EvalContext:
         with np.load(entry / "stats.npz") as stats:
             return stats["mu"], stats["sigma"]
 
-    def cache_entry(self, extractor: Any, side: RealSamples):
+    def cache_entry(self, extractor: Any, side: RealSamples) -> Path:
         key = {"extractor": extractor.id, "samples": side.cache_key}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return storage.ganpipe_home() / "cache" / "stats" / digest
@@ -125,7 +126,7 @@ class EvalContext:
         local = np.concatenate([extractor(batch) for batch, _ in side.batches(start=start, stop=stop)])
         return gather_rows(self.accelerator, local, side.num_samples) if world > 1 else local
 
-    def _store(self, entry: Any, extractor: Any, side: RealSamples, features: np.ndarray) -> None:
+    def _store(self, entry: Path, extractor: Any, side: RealSamples, features: np.ndarray) -> None:
         if self.is_main:
             mu, sigma = gaussian_stats(features)
             with storage.atomic_directory(entry) as tmp:
