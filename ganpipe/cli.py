@@ -58,7 +58,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     cfg = _load(args)
     result = ingest(cfg.data, cfg.storage.endpoint_url)
     state = "cache hit" if result.cached else "prepared"
-    summary = [f"{state}: {result.num_records} records ({result.num_skipped} skipped) -> {result.location}",
+    skipped = f"{result.num_skipped} skipped, listed in {result.report}" if result.num_skipped else "none skipped"
+    summary = [f"{state}: {result.num_records} records ({skipped}) -> {result.location}",
                f"fingerprint {result.fingerprint}" + (f", classes: {', '.join(result.classes)}" if result.classes else "")]
     _emit(args, result.to_json(), summary)
 
