@@ -97,10 +97,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ganpipe.evaluate import evaluate_sources
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    weights = args.inception_weights or os.environ.get("GANPIPE_INCEPTION_WEIGHTS")
+    if args.num_processes < 1:
+        raise UserError("--num-processes must be at least 1")
     results = evaluate_sources(args.real, args.fake, metrics, args.num_samples, bootstrap=args.bootstrap,
-                               inception_weights=weights, resolution=args.resolution, seed=args.seed)
+                               inception_weights=args.inception_weights, resolution=args.resolution, seed=args.seed,
+                               num_processes=args.num_processes)
     _emit(args, results, _metric_lines(results))
+    if results and all(r.get("value") is None for r in results.values()):
+        raise EvaluationFailed("no metric could be computed: " +
+                               "; ".join(f"{name}: {r.get('error')}" for name, r in results.items()))
+
+
+class EvaluationFailed(RuntimeError):
+    pass
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -258,8 +267,11 @@ def build_parser() -> Parser:
     p.add_argument("--fake", required=True, help="MODEL (models:/NAME@ALIAS, models:/NAME/VERSION, run dir) or dataset")
     p.add_argument("--metrics", default="fd_domain", help="comma-separated: fid,kid,pr,cas,fd_domain")
     p.add_argument("--num-samples", type=int, default=2048)
-    p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (for fid, kid, pr)")
+    p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (for fid, kid, pr); default: "
+                   "$GANPIPE_INCEPTION_WEIGHTS, then the torch hub download cache")
     p.add_argument("--bootstrap", type=int, default=20, help="bootstrap resamples for uncertainty")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="extract features in N processes (devices) through accelerate")
     p.add_argument("--resolution", type=int, help="resolution when both sides are datasets (default 64)")
     p.add_argument("--seed", type=int, default=0)
     _add_json(p)
