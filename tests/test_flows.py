@@ -22,7 +22,14 @@ from prefect import flow
 
 from flows.evaluation import evaluation_flow
 from flows.export import export_flow
-from flows.pipeline import ingest_task, train_task, training_pipeline
+from flows.pipeline import (
+    EvaluationFailed,
+    ingest_task,
+    require_primary_metric,
+    train_task,
+    training_pipeline,
+)
+from ganpipe.config import load_config
 from tests.conftest import TINY_DIGITS, write_config
 
 # --- reading runs back through the Prefect client ------------------------------------------------
@@ -55,23 +62,26 @@ def log_messages(client: Any, flow_run_id: UUID) -> list[str]:
 
 
 def artifacts(client: Any, flow_run_id: UUID) -> dict[str, Any]:
-    """{artifact key: its latest version} created by one flow run."""
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowRunFilter,
-        FlowRunFilterId,
-        TaskRunFilter,
-    )
-    from prefect.client.schemas.sorting import ArtifactSort
+    """{artifact key: its latest version} created by one flow run, in its tasks or the flow itself.
+    (A raw request: client.read_artifacts always sends a task-run filter, which leaves out the
+    artifacts a flow creates outside its tasks.)"""
+    from prefect.client.schemas.objects import Artifact
 
-    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
-                                  flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                  task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC, limit=200, offset=0)
+    response = client.request("POST", "/artifacts/filter", json={
+        "artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+        "sort": "CREATED_DESC", "limit": 200, "offset": 0})
+    response.raise_for_status()
     latest: dict[str, Any] = {}
-    for artifact in found:
+    for artifact in Artifact.model_validate_list(response.json()):
         latest.setdefault(artifact.key, artifact)
     return latest
+
+
+def table_rows(data: Any) -> list[dict[str, Any]]:
+    """A table artifact's rows (the API returns them as a JSON string)."""
+    import json
+
+    return json.loads(data) if isinstance(data, str) else data
 
 
 def flush_logs() -> None:
@@ -254,23 +264,31 @@ def test_transient_storage_failure_is_retried(client: Any, tiny_config: Path, ti
 
 
 def test_failed_evaluation_fails_the_flow_and_registers_nothing(client: Any, tiny_config: Path) -> None:
-    """fid without Inception weights has no value: the evaluate stage fails and registration, which
-    would otherwise record a version without an alias decision, never starts."""
+    """Evaluation with fid fails after training (fid is unknown to this build, or, where it exists,
+    has no value without Inception weights): the evaluate stage fails, and registration - which
+    would record a version without an alias decision - never starts."""
     import mlflow
 
     from ganpipe import tracking
 
     state = training_pipeline(str(tiny_config), ["eval.metrics=[fid]", "register.primary_metric=fid"],
                               return_state=True)
-    assert state.is_failed() and "evaluate failed: fid has no value" in state.message, state.message
+    assert state.is_failed() and "evaluate failed: " in state.message and "fid" in state.message, state.message
     runs = task_runs(client, state.state_details.flow_run_id)
     assert list(runs) == ["ingest", "train", "evaluate"]
     assert runs["train"].state.is_completed() and runs["evaluate"].state.is_failed()
     tracking.configure_mlflow()
     assert mlflow.MlflowClient().search_registered_models() == [], "nothing may be registered"
     flush_logs()
-    assert any(m.startswith("stage evaluate failed: fid has no value")
+    assert any(m.startswith("stage evaluate failed: ") and "fid" in m
                for m in log_messages(client, state.state_details.flow_run_id))
+
+
+def test_no_value_for_the_primary_metric_is_a_failed_evaluation(tiny_config: Path) -> None:
+    cfg = load_config(tiny_config)
+    require_primary_metric(cfg, {"fd_domain": {"value": 1.5, "uncertainty": 0.1}})
+    with pytest.raises(EvaluationFailed, match="fd_domain has no value \\(no reference data\\)"):
+        require_primary_metric(cfg, {"fd_domain": {"value": None, "error": "no reference data"}})
 
 
 # --- training: retry resumes, timeout kills the process tree --------------------------------------
@@ -359,7 +377,7 @@ def test_evaluation_and_export_flows_with_artifacts(client: Any, tiny_config: Pa
     assert fd["value"] > 0 and fd["uncertainty"] > 0
     found = artifacts(client, state.state_details.flow_run_id)
     assert found["ganpipe-metrics"].type == "table"
-    rows = _table_rows(found["ganpipe-metrics"].data)
+    rows = table_rows(found["ganpipe-metrics"].data)
     assert [(r["metric"], r["value"], r["uncertainty"]) for r in rows] == [("fd_domain", fd["value"], fd["uncertainty"])]
     assert f"| fd_domain | {fd['value']:.4g} |" in found["ganpipe-evaluation"].data
 
@@ -377,7 +395,40 @@ def test_evaluation_and_export_flows_with_artifacts(client: Any, tiny_config: Pa
     assert exported["out"] in summary and "50 rows" in summary
 
 
-def _table_rows(data: Any) -> list[dict[str, Any]]:
-    import json
+def test_deploy_rejects_a_bad_schedule_naming_the_key() -> None:
+    from flows.deploy import training_schedule
+    from ganpipe.config import DeployConfig
+    from ganpipe.errors import UserError
 
-    return json.loads(data) if isinstance(data, str) else data
+    assert training_schedule(DeployConfig()) is None
+    schedule = training_schedule(DeployConfig(cron="0 3 * * *", timezone="Europe/Berlin"))
+    assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "Europe/Berlin")
+    with pytest.raises(UserError, match=r"^deploy.cron: .*'every day'"):
+        training_schedule(DeployConfig(cron="every day"))
+    with pytest.raises(UserError, match=r"^deploy.timezone: .*'Mars/Olympus'"):
+        training_schedule(DeployConfig(cron="0 3 * * *", timezone="Mars/Olympus"))
+
+
+def test_prefect_yaml_declares_the_pipeline_and_export_deployments() -> None:
+    """prefect.yaml (for `prefect deploy --all`) points at these flows with valid parameters,
+    schedule and work pool."""
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    from ganpipe.config import DeployConfig
+    from tests.conftest import ROOT
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    flows = {}
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        loaded = load_flow_from_entrypoint(f"{ROOT / path}:{name}")
+        flows[loaded.name] = deployment
+        loaded.validate_parameters(deployment["parameters"])
+        assert load_config(ROOT / deployment["parameters"]["config_path"]).registry.name == deployment["name"]
+        assert deployment["work_pool"]["name"] == DeployConfig().work_pool
+        for schedule in deployment.get("schedules") or []:
+            CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    assert set(flows) == {training_pipeline.name, export_flow.name}
+    assert flows[training_pipeline.name]["schedules"] and not flows[export_flow.name].get("schedules")
