@@ -145,31 +145,60 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     multi-process run in a session of its own, outside the group."""
     import psutil
 
-    try:
-        pgid = os.getpgid(proc.pid)
-        members = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except (ProcessLookupError, psutil.NoSuchProcess):
-        return
-    gone = (ProcessLookupError, psutil.NoSuchProcess)
+    pgid, members = _group_and_tree(proc.pid)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with suppress(*gone):
+        with suppress(ProcessLookupError):
             os.killpg(pgid, sig)
         for member in members:
-            with suppress(*gone):
+            with suppress(psutil.NoSuchProcess):
                 member.send_signal(sig)  # psutil checks the pid was not reused meanwhile
-        proc.poll()  # reap our direct child, so it does not linger as a zombie
-        _, alive = psutil.wait_procs(members, timeout=wait)
-        if not alive and not _group_alive(pgid):
-            proc.poll()
-            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap our own child
+            if not any(process_running(m) for m in members):
+                return
+            time.sleep(0.05)
 
 
-def _group_alive(pgid: int) -> bool:
+def _group_and_tree(pid: int) -> tuple[int, list[Any]]:
+    """The process group of `pid` and the processes in it or descending from it."""
+    import psutil
+
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
+        pgid, root = os.getpgid(pid), psutil.Process(pid)
+        members = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return pid, []
+    for other in psutil.process_iter():
+        with suppress(ProcessLookupError, psutil.Error):
+            if os.getpgid(other.pid) == pgid:
+                members.setdefault(other.pid, other)
+    return pgid, list(members.values())
+
+
+def process_running(process: Any) -> bool:
+    """Alive and not a zombie (a dead process waiting to be reaped holds nothing)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
+
+
+def training_processes(**env: str) -> list[Any]:
+    """The running processes whose environment holds every `env` item - the launcher and ranks
+    of one training run, found by what child_env passes down: GANPIPE_LAUNCHER_PID=<pid> or
+    GANPIPE_FLOW_RUN_ID=<id>."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        with suppress(psutil.Error):
+            environ = process.environ()
+            if all(environ.get(k) == v for k, v in env.items()) and process_running(process):
+                found.append(process)
+    return found
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -30,6 +30,7 @@ from flows.pipeline import (
     training_pipeline,
 )
 from ganpipe.config import load_config
+from ganpipe.launch import process_running, training_processes
 from tests.conftest import TINY_DIGITS, write_config
 
 # --- reading runs back through the Prefect client ------------------------------------------------
@@ -91,23 +92,6 @@ def flush_logs() -> None:
     APILogWorker.drain_all(timeout=10)
 
 
-def training_processes(**env: str) -> list[Any]:
-    """Live processes (not zombies) whose environment holds every `env` item: the accelerate
-    launcher and the ranks of one training run, told apart from anyone else's by the variables
-    ganpipe.launch passes down (GANPIPE_LAUNCHER_PID, GANPIPE_FLOW_RUN_ID)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            environ = proc.environ()
-            if all(environ.get(k) == v for k, v in env.items()) and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
 def is_rank(proc: Any) -> bool:
     try:
         return "ganpipe.train" in proc.cmdline() and "accelerate.commands.launch" not in " ".join(proc.cmdline())
@@ -116,16 +100,7 @@ def is_rank(proc: Any) -> bool:
 
 
 def alive(procs: list[Any]) -> list[Any]:
-    import psutil
-
-    living = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                living.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return living
+    return [p for p in procs if process_running(p)]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:

@@ -19,6 +19,7 @@ from uuid import UUID
 
 import pytest
 
+from ganpipe.launch import training_processes
 from tests.conftest import ROOT, TINY_DIGITS, free_port, last_json, run_cli, wait_for_http, write_config
 from tests.test_flows import (
     alive,
@@ -27,7 +28,6 @@ from tests.test_flows import (
     log_messages,
     table_rows,
     task_runs,
-    training_processes,
     wait_for,
 )
 
@@ -200,11 +200,13 @@ def test_cancelling_a_flow_run_kills_every_training_process(worker: None, client
 
 
 def test_no_training_process_survives_a_sigkilled_flow_run(worker: None, client: Any) -> None:
-    """The flow-run process gets no chance to clean up: each rank's watchdog sees it gone."""
+    """The flow-run process gets no chance to clean up: each rank's watchdog sees it gone. Two
+    ranks, which torchrun starts in sessions of their own, outside the launcher's group."""
     import psutil
 
-    flow_run_id = trigger(client, ["train.steps=1000000", "train.log_every=5"])
+    flow_run_id = trigger(client, ["train.steps=1000000", "train.log_every=5", "train.num_processes=2"])
     procs = wait_for_training(client, flow_run_id)
+    assert len([p for p in procs if is_rank(p)]) == 2
     launcher_pids = {int(p.environ()["GANPIPE_LAUNCHER_PID"]) for p in procs}
     assert len(launcher_pids) == 1
     flow_process = psutil.Process(launcher_pids.pop())
