@@ -113,6 +113,16 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: flo
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_uri_leak() -> Iterator[None]:
+    """mlflow.set_tracking_uri (which ganpipe.tracking calls in this process) also exports
+    MLFLOW_TRACKING_URI to os.environ: later tests, and every process they start, would otherwise
+    use this test's store instead of their own GANPIPE_HOME's."""
+    yield
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(name, None)
+
+
 @pytest.fixture(scope="module")
 def prefect_api() -> Iterator[None]:
     """One temporary Prefect API (a subprocess server on 127.0.0.1) for this module's tests."""

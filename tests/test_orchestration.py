@@ -26,6 +26,7 @@ from tests.test_flows import (
     artifacts,
     is_rank,
     log_messages,
+    no_mlflow_uri_leak,  # noqa: F401 - autouse fixture
     table_rows,
     task_runs,
     wait_for,
@@ -68,7 +69,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("orchestration")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "GANPIPE_HOME": str(root / "ganpipe-home"),
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env = {**inherited, "PREFECT_HOME": str(root / "prefect"), "GANPIPE_HOME": str(root / "ganpipe-home"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
