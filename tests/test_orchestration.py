@@ -150,6 +150,15 @@ def test_deploy_creates_the_deployments_and_the_process_pool(stack: Stack, deplo
     assert [s.schedule.cron for s in updated.schedules] == ["30 4 * * 1"]
     assert updated.parameters["overrides"] == ["deploy.cron=30 4 * * 1", "train.log_every=5"]
 
+    # Without a config: unscheduled deployments whose runs name their config.
+    from flows.deploy import deploy
+
+    bare = deploy(None, [], None)
+    assert bare["deployments"] == ["ganpipe-training-pipeline/on-demand", "ganpipe-export/on-demand"]
+    on_demand = client.read_deployment_by_name("ganpipe-training-pipeline/on-demand")
+    assert on_demand.parameters == {"overrides": []} and on_demand.schedules == []
+    assert client.read_work_pool(bare["work_pool"]).type == "process" and bare["work_pool"] == "ganpipe-gpu"
+
 
 def test_triggered_pipeline_completes_with_artifacts(stack: Stack, worker: None, client: Any) -> None:
     """Triggered as the README does; the artifacts read back agree with the MLflow registry."""
