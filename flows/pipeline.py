@@ -127,13 +127,16 @@ def evaluate_task(run_dir: str, config_path: str, overrides: list[str] | None) -
     return evaluation
 
 
-def check_primary_metric(cfg: Config) -> None:
-    """Promotion compares the primary metric, so the pipeline must compute it (checked before
-    anything runs)."""
+def check_evaluation(cfg: Config) -> None:
+    """Bad evaluation settings fail the flow before anything is trained: unknown metrics, too few
+    samples, a missing weights file, and a promotion metric the pipeline would not compute."""
+    from ganpipe.evaluate import check_request
+
+    e = cfg.eval
+    check_request(e.metrics, e.num_samples, e.inception_weights, ("eval.num_samples", "eval.inception_weights"))
     primary = cfg.registry.primary_metric
-    if primary not in cfg.eval.metrics:
-        raise UserError(f"register.primary_metric: {primary!r} is not among eval.metrics "
-                        f"({', '.join(cfg.eval.metrics)})")
+    if primary not in e.metrics:
+        raise UserError(f"register.primary_metric: {primary!r} is not among eval.metrics ({', '.join(e.metrics)})")
 
 
 def require_primary_metric(cfg: Config, metrics: dict[str, Any]) -> None:
@@ -203,7 +206,7 @@ def training_pipeline(config_path: str, overrides: list[str] | None = None) -> d
     """Each stage starts only when the one before it succeeded: a failed evaluation registers
     nothing, a failed registration exports nothing."""
     cfg = _config(config_path, overrides)
-    check_primary_metric(cfg)
+    check_evaluation(cfg)
     data = run_stage("ingest", ingest_task, config_path, overrides)
     trained = run_stage("train", train_task, config_path, overrides)
     evaluation = run_stage("evaluate", evaluate_task, trained["run_dir"], config_path, overrides)

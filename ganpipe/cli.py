@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +59,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     cfg = _load(args)
     result = ingest(cfg.data, cfg.storage.endpoint_url)
     state = "cache hit" if result.cached else "prepared"
-    summary = [f"{state}: {result.num_records} records ({result.num_skipped} skipped) -> {result.location}",
+    skipped = f"{result.num_skipped} skipped, listed in {result.report}" if result.num_skipped else "none skipped"
+    summary = [f"{state}: {result.num_records} records ({skipped}) -> {result.location}",
                f"fingerprint {result.fingerprint}" + (f", classes: {', '.join(result.classes)}" if result.classes else "")]
     _emit(args, result.to_json(), summary)
 
@@ -95,10 +97,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from ganpipe.evaluate import evaluate_sources
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    weights = args.inception_weights or os.environ.get("GANPIPE_INCEPTION_WEIGHTS")
+    if args.num_processes < 1:
+        raise UserError("--num-processes must be at least 1")
     results = evaluate_sources(args.real, args.fake, metrics, args.num_samples, bootstrap=args.bootstrap,
-                               inception_weights=weights, resolution=args.resolution, seed=args.seed)
+                               inception_weights=args.inception_weights, resolution=args.resolution, seed=args.seed,
+                               num_processes=args.num_processes)
     _emit(args, results, _metric_lines(results))
+    if results and all(r.get("value") is None for r in results.values()):
+        raise EvaluationFailed("no metric could be computed: " +
+                               "; ".join(f"{name}: {r.get('error')}" for name, r in results.items()))
+
+
+class EvaluationFailed(RuntimeError):
+    pass
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -110,8 +121,11 @@ def cmd_register(args: argparse.Namespace) -> None:
 
 
 def _parse_labels(text: str | None, spec: Any) -> list[int] | None:
+    """`--labels 3,7` or class names: ids into spec.classes. None when not given."""
     if text is None:
         return None
+    if not spec.conditional:
+        raise UserError("--labels: this model is unconditional")
     names = list(spec.classes)
     labels = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
@@ -120,13 +134,17 @@ def _parse_labels(text: str | None, spec: Any) -> list[int] | None:
         elif item.lstrip("-").isdigit() and 0 <= int(item) < spec.num_classes:
             labels.append(int(item))
         else:
-            raise UserError(f"--labels: {item!r} is not a class of this model ({', '.join(names)})")
+            raise UserError(f"--labels: {item!r} is not a class of this model "
+                            f"(ids 0..{spec.num_classes - 1} or names {', '.join(names)})")
+    if not labels:
+        raise UserError("--labels: no labels given")
     return labels
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from ganpipe import storage
     from ganpipe.export import row_seed, shard_table
     from ganpipe.models import generate
     from ganpipe.registry import load_generator
@@ -136,31 +154,36 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UserError(f"--out {out}: expected a .png, .npy or .parquet file")
     if args.num_images < 1:
         raise UserError("--num-images must be at least 1")
+    if not 0 <= args.seed < 2**31:
+        raise UserError(f"--seed {args.seed}: expected 0 <= seed < 2**31")
+    if args.truncation is not None and not args.truncation > 0:
+        raise UserError(f"--truncation {args.truncation}: expected a positive number")
     loaded = load_generator(args.model)
     spec = loaded.spec
+    if out.suffix == ".png" and not spec.is_image:
+        raise UserError("--out .png needs an image model; use .npy or .parquet for vectors")
     labels = _parse_labels(args.labels, spec)
-    if spec.conditional:
+    if spec.conditional:  # the given labels (default: every class) cycled over the rows
         labels = labels or list(range(spec.num_classes))
         labels = [labels[i % len(labels)] for i in range(args.num_images)]
-    elif labels:
-        raise UserError("--labels: this model is unconditional")
+    # Row i has the seed `ganpipe export` gives row i: either command regenerates the other's rows.
     indices = np.arange(args.num_images, dtype=np.int64)
     seeds = row_seed(args.seed, indices)
     samples = generate(loaded.generator, spec, seeds.tolist(), labels, truncation=args.truncation)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
-        if not spec.is_image:
-            raise UserError("--out .png needs an image model; use .npy or .parquet for vectors")
-        from ganpipe.train import save_grid
+    with tempfile.TemporaryDirectory() as tmp:  # written whole, then moved into place
+        staged = Path(tmp) / out.name
+        if out.suffix == ".png":
+            from ganpipe.train import save_grid
 
-        save_grid(samples, out)
-    elif out.suffix == ".npy":
-        np.save(out, samples.numpy())
-    else:
-        import pyarrow.parquet as pq
+            save_grid(samples, staged)
+        elif out.suffix == ".npy":
+            np.save(staged, samples.numpy())
+        else:
+            import pyarrow.parquet as pq
 
-        table = shard_table(spec, samples, np.asarray(labels) if labels else None, seeds, indices, None)
-        pq.write_table(table, out)
+            pq.write_table(shard_table(spec, samples, np.asarray(labels) if labels else None, seeds, indices,
+                                      None), staged)
+        storage.upload_file_atomic(staged, str(out.absolute()))
     _emit(args, {"out": str(out), "num_images": args.num_images, "model": loaded.source.get("model_uri")},
           [f"wrote {args.num_images} samples to {out}"])
 
@@ -251,8 +274,11 @@ def build_parser() -> Parser:
     p.add_argument("--fake", required=True, help="MODEL (models:/NAME@ALIAS, models:/NAME/VERSION, run dir) or dataset")
     p.add_argument("--metrics", default="fd_domain", help="comma-separated: fid,kid,pr,cas,fd_domain")
     p.add_argument("--num-samples", type=int, default=2048)
-    p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (for fid, kid, pr)")
+    p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (for fid, kid, pr); default: "
+                   "$GANPIPE_INCEPTION_WEIGHTS, then the torch hub download cache")
     p.add_argument("--bootstrap", type=int, default=20, help="bootstrap resamples for uncertainty")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="extract features in N processes (devices) through accelerate")
     p.add_argument("--resolution", type=int, help="resolution when both sides are datasets (default 64)")
     p.add_argument("--seed", type=int, default=0)
     _add_json(p)

@@ -1,11 +1,20 @@
 """The evaluation stage: `ganpipe evaluate` and the pipeline's evaluate task share this code.
 
-A SRC is a MODEL (models:/..., or a run directory: samples are generated) or anything
-`data.source` accepts (ingested, so a second evaluation reuses the prepared data).
+A SRC is a MODEL (models:/..., or a run directory: samples are generated on the device, in
+batches, never written as images) or anything `data.source` accepts (ingested, so a second
+evaluation reuses the prepared data).
+
+With `num_processes > 1` the evaluation runs under `accelerate launch` (this module's `main` in
+every process): features are extracted by all processes, each on its own range of samples, and
+the main process computes the metrics and hands them back through a JSON file.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +25,14 @@ from ganpipe import runs, storage
 from ganpipe.config import Config, DataConfig
 from ganpipe.data import PreparedData, ingest, open_prepared
 from ganpipe.errors import UserError
-from ganpipe.metrics import EvalContext, evaluate
+from ganpipe.metrics import (
+    METRICS,
+    EvalContext,
+    check_metric_names,
+    default_device,
+    evaluate,
+    main_process_first,
+)
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 from ganpipe.registry import LoadedGenerator, load_generator
 
@@ -38,50 +54,76 @@ def _prepare_real(src: str, resolution: int, channels: int | None, endpoint_url:
     return open_prepared(result.location, endpoint_url)
 
 
+def check_request(metrics: list[str], num_samples: int, inception_weights: str | None,
+                  keys: tuple[str, str] = ("--num-samples", "--inception-weights")) -> None:
+    """Bad input fails before any work: unknown metrics, too few samples, a weights file that is
+    not there. `keys` name the sample count and weights settings as the user wrote them."""
+    check_metric_names(metrics)
+    if num_samples < 2:
+        raise UserError(f"{keys[0]}: at least 2 samples are needed (got {num_samples})")
+    needs_inception = any(METRICS[m].extractor == "inception" for m in metrics)
+    if needs_inception and inception_weights and not Path(inception_weights).expanduser().is_file():
+        raise UserError(f"{keys[1]} {inception_weights}: file not found")
+
+
 def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int, *, bootstrap: int = 20,
                      inception_weights: str | None = None, resolution: int | None = None, seed: int = 0,
-                     endpoint_url: str | None = None) -> dict[str, Any]:
+                     endpoint_url: str | None = None, num_processes: int = 1,
+                     accelerator: Any | None = None) -> dict[str, Any]:
     """`ganpipe evaluate --real SRC --fake SRC`."""
+    check_request(metrics, num_samples, inception_weights)
+    if num_processes > 1 and accelerator is None:
+        request = {"real": real, "fake": fake, "metrics": metrics, "num_samples": num_samples, "bootstrap": bootstrap,
+                   "inception_weights": inception_weights, "resolution": resolution, "seed": seed,
+                   "endpoint_url": endpoint_url}
+        return launch_evaluation(request, num_processes)
     if is_model_ref(real):
         raise UserError("--real: expected a dataset (data.source, image folder), not a model")
-    loaded = load_generator(fake) if is_model_ref(fake) else None
-    if loaded is not None:
-        shape = loaded.spec.sample_shape
-        data = _prepare_real(real, shape[1], shape[0], endpoint_url) if loaded.spec.is_image else None
-        if data is None:
-            raise UserError("--real: evaluating a vector model needs its training data; "
-                            "use the pipeline or `ganpipe evaluate --real RUN_DIR/...`")
-        fake_samples: Any = GeneratedSamples(loaded, num_samples, seed + 1, _label_weights(data, loaded))
-    else:
-        data = _prepare_real(real, resolution or 64, None, endpoint_url)
-        fake_data = _prepare_real(fake, data.sample_shape[1], data.sample_shape[0], endpoint_url)
-        fake_samples = RealSamples(fake_data, num_samples, seed + 1)
+    device = default_device(accelerator)
+    with main_process_first(accelerator):  # one process ingests and downloads; the others hit the caches
+        loaded = load_generator(fake, device) if is_model_ref(fake) else None
+        if loaded is not None:
+            shape = loaded.spec.sample_shape
+            if not loaded.spec.is_image:
+                raise UserError("--real: evaluating a vector model needs its training data; "
+                                "use the pipeline or `ganpipe evaluate --real RUN_DIR/...`")
+            data = _prepare_real(real, shape[1], shape[0], endpoint_url)
+            fake_samples: Any = GeneratedSamples(loaded, num_samples, seed + 1, _label_weights(data, loaded), device)
+        else:
+            data = _prepare_real(real, resolution or 64, None, endpoint_url)
+            fake_data = _prepare_real(fake, data.sample_shape[1], data.sample_shape[0], endpoint_url)
+            fake_samples = RealSamples(fake_data, num_samples, seed + 1)
     ctx = EvalContext(RealSamples(data, num_samples, seed), fake_samples, bootstrap=bootstrap, seed=seed,
-                      inception_weights=inception_weights)
+                      inception_weights=inception_weights, accelerator=accelerator)
     results = evaluate(ctx, metrics)
-    if loaded is not None and loaded.source.get("run_dir") and not fake.startswith("models:/"):
-        record_evaluation(Path(loaded.source["run_dir"]), results, num_samples)
+    if ctx.is_main and loaded is not None and loaded.source.get("run_dir") and not fake.startswith("models:/"):
+        record_evaluation(Path(loaded.source["run_dir"]), results, num_samples, loaded.source["generator_sha256"])
     return results
 
 
 def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """The pipeline's evaluate task: the run's EMA generator against its own training data."""
+    e = cfg.eval
+    check_request(e.metrics, e.num_samples, e.inception_weights, ("eval.num_samples", "eval.inception_weights"))
     info = runs.read_info(run_dir)
     data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
-    loaded = load_generator(str(run_dir))
-    n = cfg.eval.num_samples
-    ctx = EvalContext(RealSamples(data, n, cfg.seed), GeneratedSamples(loaded, n, cfg.seed + 1,
-                                                                       _label_weights(data, loaded)),
-                      bootstrap=cfg.eval.bootstrap, seed=cfg.seed, inception_weights=cfg.eval.inception_weights)
-    results = evaluate(ctx, cfg.eval.metrics)
-    return record_evaluation(run_dir, results, n)
+    device = default_device()
+    loaded = load_generator(str(run_dir), device)
+    fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, _label_weights(data, loaded), device)
+    ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
+                      inception_weights=e.inception_weights)
+    results = evaluate(ctx, e.metrics)
+    return record_evaluation(run_dir, results, e.num_samples, loaded.source["generator_sha256"])
 
 
-def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int) -> dict[str, Any]:
-    """Write evaluation.json into the run (registration reads it) and log to its MLflow run."""
+def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,
+                      generator_sha256: str | None = None) -> dict[str, Any]:
+    """Write evaluation.json into the run (registration reads it) and log to its MLflow run.
+    `generator_sha256` names the weights evaluated: registration ignores an evaluation of others."""
     failed = [name for name, r in results.items() if r.get("value") is None]
     evaluation = {"status": "failed" if len(failed) == len(results) else "ok", "metrics": results,
-                  "failed": failed, "num_samples": num_samples, "evaluated_at": time.time()}
+                  "failed": failed, "num_samples": num_samples, "evaluated_at": time.time(),
+                  "generator_sha256": generator_sha256}
     storage.write_json_atomic(str(run_dir / "evaluation.json"), evaluation)
     from ganpipe import tracking
 
@@ -95,3 +137,47 @@ def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int) 
                 client.log_metric(run_id, f"eval_{name}", float(result["value"]))
                 client.log_metric(run_id, f"eval_{name}_uncertainty", float(result.get("uncertainty") or 0.0))
     return evaluation
+
+
+# --- several processes: `accelerate launch -m ganpipe.evaluate REQUEST.json` ------------------------
+
+def launch_evaluation(request: dict[str, Any], num_processes: int) -> dict[str, Any]:
+    """Run `evaluate_sources(**request)` in `num_processes` Accelerate processes; the main one's results."""
+    from ganpipe.launch import _last_error, run_process_group
+
+    with tempfile.TemporaryDirectory(prefix="ganpipe-evaluate-") as tmp:
+        request_file, out, log = Path(tmp) / "request.json", Path(tmp) / "results.json", Path(tmp) / "evaluate.log"
+        request_file.write_text(json.dumps(request | {"out": str(out)}))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--multi_gpu",  # torchrun-style launch; on CPU-only hosts the processes use gloo
+               "--module", "ganpipe.evaluate", str(request_file)]
+        env = dict(os.environ, GANPIPE_HOME=str(storage.ganpipe_home()), PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+        code = run_process_group(cmd, env, log_file=log)
+        if code == 2:
+            raise UserError(_last_error(log) or "evaluation rejected its input")
+        if code != 0 or not out.exists():
+            raise RuntimeError(f"evaluation processes exited with code {code}: {_last_error(log) or 'no output'}")
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One process of a distributed evaluation."""
+    import torch
+    from accelerate import Accelerator
+
+    request = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    out = request.pop("out")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        results = evaluate_sources(**request, accelerator=accelerator)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if accelerator.is_main_process:
+        storage.write_json_atomic(out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -46,10 +46,15 @@ class GeneratorModel(PythonModel):
             bad = [v for v in labels if not 0 <= v < self.spec.num_classes]
             if bad:
                 raise ValueError(f"labels {bad[:5]} outside 0..{self.spec.num_classes - 1}")
-        truncation = (params or {}).get("truncation")
+        truncation = float((params or {}).get("truncation") or 0.0)
+        if truncation < 0 or not np.isfinite(truncation):
+            raise ValueError(f"params.truncation must be a positive number (or 0: off), got {truncation}")
+        if not seeds:  # keep the output's shape and dtype for an empty request
+            shape = (0, *self.spec.sample_shape[1:], self.spec.sample_shape[0]) if self.spec.is_image \
+                else (0, *self.spec.sample_shape)
+            return np.zeros(shape, np.uint8 if self.spec.is_image else np.float32)
         with torch.inference_mode():
-            out = generate(self.generator, self.spec, seeds, labels,
-                           truncation=float(truncation) if truncation else None)
+            out = generate(self.generator, self.spec, seeds, labels, truncation=truncation or None)
         return out.numpy()
 
 

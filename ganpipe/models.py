@@ -1,7 +1,7 @@
 """Generators and discriminators: MLP GAN, DCGAN, and their conditional variants.
 
-This module depends on torch alone: registered MLflow models ship it as their code, so a
-generator loads anywhere `mlflow` and `torch` are installed. A `NetworkSpec` (plain JSON) is
+This module depends on torch and numpy alone: registered MLflow models ship it as their code, so
+a generator loads anywhere `mlflow` and `torch` are installed. A `NetworkSpec` (plain JSON) is
 everything needed to rebuild a network around its saved weights.
 """
 
@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
@@ -256,22 +257,53 @@ def build_discriminator(spec: NetworkSpec) -> nn.Module:
 
 # --- sampling: shared by training previews, generate, export and the MLflow model ------------------
 
+class _SeedStreams:
+    """A standard-normal stream per seed, a function of the seed alone.
+
+    Seeds in [0, 2**32) use torch's CPU generator. That generator keeps only the low 32 bits of a
+    seed, so wider seeds (export rows use seed * 2**32 + index) would repeat the same latents for
+    every export seed; they use numpy's Philox keyed by all 64 bits instead (a counter-based
+    generator: distinct keys give independent streams). One Philox is re-keyed per seed because
+    building one costs several times more than the draw."""
+
+    def __init__(self) -> None:
+        self.torch_generator = torch.Generator()
+        self.philox = np.random.Philox(0)
+        self.numpy_generator = np.random.Generator(self.philox)
+        self.wide = False
+
+    def start(self, seed: int) -> None:
+        self.wide = not 0 <= seed < 2**32
+        if not self.wide:
+            self.torch_generator.manual_seed(seed)
+            return
+        self.philox.state = {"bit_generator": "Philox",
+                             "state": {"counter": np.zeros(4, np.uint64),
+                                       "key": np.array([seed % 2**64, 0], np.uint64)},
+                             "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+
+    def normal(self, n: int) -> torch.Tensor:
+        if self.wide:
+            return torch.from_numpy(self.numpy_generator.standard_normal(n, dtype=np.float32))
+        return torch.randn(n, generator=self.torch_generator)
+
+
 def latents_for_seeds(seeds: list[int] | torch.Tensor, latent_dim: int,
                       truncation: float | None = None) -> torch.Tensor:
-    """One latent per seed, each from its own generator: a sample depends on its seed alone,
+    """One latent per seed, each from its own stream: a sample depends on its seed alone,
     never on the batch it was generated in. With `truncation`, values beyond it are redrawn
-    from the same generator (the truncation trick), so the result is still a function of the seed."""
+    from the same stream (the truncation trick), so the result is still a function of the seed."""
     out = torch.empty(len(seeds), latent_dim)
-    generator = torch.Generator()
+    streams = _SeedStreams()
     for i, seed in enumerate(seeds):
-        generator.manual_seed(int(seed))
-        z = torch.randn(latent_dim, generator=generator)
+        streams.start(int(seed))
+        z = streams.normal(latent_dim)
         if truncation is not None:
             for _ in range(1000):
                 outside = z.abs() > truncation
                 if not outside.any():
                     break
-                z[outside] = torch.randn(int(outside.sum()), generator=generator)
+                z[outside] = streams.normal(int(outside.sum()))
             z.clamp_(-truncation, truncation)
         out[i] = z
     return out

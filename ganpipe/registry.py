@@ -4,14 +4,21 @@
 Promotion rule: a new version becomes `champion` only when it beats the current champion on the
 primary metric by more than max(combined uncertainty, register.margin), where the combined
 uncertainty is sqrt(u_new^2 + u_champion^2). Otherwise it is the `challenger`. A version whose
-evaluation failed or is missing gets no alias. Every decision and its reason is recorded as a
-version tag and returned.
+evaluation failed, is missing, or was computed for other weights gets no alias. Every decision
+and its reason is recorded as a version tag (`ganpipe.alias_decision`), in the run's
+`registry/vN/promotion.json`, and returned.
+
+Safety: a generator is loaded from `spec.json` (plain JSON) and `generator.safetensors` only;
+nothing is unpickled and no code from the artifact store runs. A registered version carries the
+sha256 of its weights as a tag, and loading checks the downloaded weights against it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,31 +26,62 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from ganpipe import runs, storage, tracking
 from ganpipe.errors import UserError
-from ganpipe.models import NetworkSpec, build_generator, generate
+from ganpipe.models import GENERATORS, NetworkSpec, build_generator, generate
 
 MODEL_ARTIFACT = "generator"
 CHAMPION, CHALLENGER = "champion", "challenger"
+SHA_TAG = "ganpipe.generator_sha256"
+# MLflow allows more, but a name must survive models:/NAME@ALIAS parsing and search filters.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-# --- loading a MODEL reference ------------------------------------------------------------------
+# --- reading a generator: JSON + safetensors, never a pickle --------------------------------------
 
 @dataclass
 class LoadedGenerator:
     generator: torch.nn.Module
     spec: NetworkSpec
-    source: dict[str, Any]  # model_uri, name, version, run_id, run_dir (what is known)
+    source: dict[str, Any]  # model_uri, name, version, run_id, run_dir, generator_sha256 (what is known)
 
+
+def read_generator(folder: Path) -> tuple[torch.nn.Module, NetworkSpec, str]:
+    """(network in eval mode, spec, sha256 of the exact weight bytes loaded) from a folder holding
+    spec.json and generator.safetensors. Anything else in their place is refused, not executed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    spec_file, weights_file = folder / "spec.json", folder / "generator.safetensors"
+    try:
+        spec = NetworkSpec.from_json(json.loads(spec_file.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{spec_file}: not a ganpipe network spec ({exc})") from None
+    if spec.family not in GENERATORS:
+        raise UserError(f"{spec_file}: unknown network family {spec.family!r}")
+    data = weights_file.read_bytes()
+    try:
+        weights = load(data)
+    except SafetensorError as exc:
+        raise UserError(f"{weights_file}: not a safetensors file ({exc}); refusing to load it") from None
+    generator = build_generator(spec)
+    try:
+        generator.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(f"{weights_file}: weights do not fit spec.json ({str(exc).splitlines()[0]})") from None
+    return generator.eval(), spec, hashlib.sha256(data).hexdigest()
+
+
+# --- loading a MODEL reference ------------------------------------------------------------------
 
 def parse_model_uri(ref: str) -> tuple[str, str | None, str | None]:
     """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, alias, version)."""
     body = ref.removeprefix("models:/")
     if "@" in body:
         name, alias = body.rsplit("@", 1)
-        return name, alias, None
+        if name and alias:
+            return name, alias, None
     name, sep, version = body.rpartition("/")
     if not sep or not name or not version.isdigit():
         raise UserError(f"--model {ref!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or a run directory")
@@ -62,6 +100,8 @@ def resolve_version(ref: str) -> Any:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
     except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise  # the registry is unreachable or broken: not the user's input
         raise UserError(f"--model {ref}: not found in the registry at {tracking.tracking_uri()} "
                         f"({exc.message.splitlines()[0]})") from None
 
@@ -71,7 +111,11 @@ def load_generator(ref: str, device: str | torch.device = "cpu") -> LoadedGenera
     from a local run directory."""
     if ref.startswith("models:/"):
         version = resolve_version(ref)
-        folder = _download_version(version)
+        expected = (version.tags or {}).get(SHA_TAG)
+        generator, spec, sha = read_generator(_download_version(version, expected))
+        if expected and sha != expected:  # the local cache was altered after the download
+            raise UserError(f"{ref}: cached weights (sha256 {sha[:12]}) are not the ones registered "
+                            f"({expected[:12]}); delete {storage.ganpipe_home() / 'cache' / 'models'}")
         source = {"model_uri": f"models:/{version.name}/{version.version}", "name": version.name,
                   "version": int(version.version), "run_id": version.run_id,
                   "run_dir": (version.tags or {}).get("ganpipe.run_dir")}
@@ -81,30 +125,36 @@ def load_generator(ref: str, device: str | torch.device = "cpu") -> LoadedGenera
         if not (folder / "generator.safetensors").exists():
             raise UserError(f"--model {ref}: no finished generator in that directory "
                             "(expected a run directory after `ganpipe train`)")
+        generator, spec, sha = read_generator(folder)
         source = {"model_uri": str(run_dir), "run_dir": str(run_dir),
                   "run_id": runs.read_info(run_dir).get("mlflow_run_id")}
-    spec = NetworkSpec.from_json(json.loads((folder / "spec.json").read_text()))
-    generator = build_generator(spec)
-    generator.load_state_dict(load_file(str(folder / "generator.safetensors")))
-    return LoadedGenerator(generator.to(device).eval(), spec, source)
+    return LoadedGenerator(generator.to(device), spec, source | {"generator_sha256": sha})
 
 
-def _download_version(version: Any) -> Path:
-    """Registered versions are immutable, so one download per version is cached."""
+def _download_version(version: Any, expected_sha: str | None) -> Path:
+    """The version's spec.json + generator.safetensors in a local folder, checked against the
+    sha256 the version was registered with. Downloads are cached by that sha256 (not by
+    name/version, which another store may reuse for other weights)."""
     import mlflow
 
-    cache = storage.ganpipe_home() / "cache" / "models" / version.name / str(version.version)
-    if (cache / "spec.json").exists():
-        return cache
+    cache_root = storage.ganpipe_home() / "cache" / "models"
+    if expected_sha and (cache_root / expected_sha / "spec.json").exists():
+        return cache_root / expected_sha
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{version.name}/{version.version}", dst_path=tmp))
         found = next(iter(local.rglob("generator.safetensors")), None)
-        if found is None:
+        if found is None or not (found.parent / "spec.json").exists():
             raise UserError(f"models:/{version.name}/{version.version} is not a ganpipe generator")
-        with storage.atomic_directory(cache) as target:
-            shutil.copyfile(found, target / "generator.safetensors")
-            shutil.copyfile(found.parent / "spec.json", target / "spec.json")
+        sha = storage.sha256_file(found)
+        if expected_sha and sha != expected_sha:
+            raise UserError(f"models:/{version.name}/{version.version}: the stored weights (sha256 {sha[:12]}) "
+                            f"are not the ones registered ({expected_sha[:12]}); refusing to load them")
+        cache = cache_root / sha
+        if not (cache / "spec.json").exists():
+            with storage.atomic_directory(cache) as target:
+                shutil.copyfile(found, target / "generator.safetensors")
+                shutil.copyfile(found.parent / "spec.json", target / "spec.json")
     return cache
 
 
@@ -116,20 +166,27 @@ class Decision:
     reason: str
 
 
+def _valid(result: dict[str, Any] | None) -> bool:
+    return result is not None and result.get("value") is not None and math.isfinite(result["value"])
+
+
 def decide_alias(metric: str, new: dict[str, Any] | None, champion: dict[str, Any] | None,
                  margin: float, higher_is_better: bool) -> Decision:
     """Pure rule (see module doc); `new`/`champion` are {"value", "uncertainty"} or None."""
-    if new is None or new.get("value") is None or not math.isfinite(new["value"]):
+    if not _valid(new):
         return Decision(None, f"no valid {metric} for this version: no alias")
-    if champion is None or champion.get("value") is None:
+    assert new is not None
+    if not _valid(champion):
+        # No champion yet, or one without this metric (set by hand, or a different primary metric).
         return Decision(CHAMPION, f"first version with a {metric}: champion")
+    assert champion is not None
     sign = 1.0 if higher_is_better else -1.0
     improvement = sign * (new["value"] - champion["value"])
     uncertainty = math.hypot(new.get("uncertainty") or 0.0, champion.get("uncertainty") or 0.0)
     required = max(uncertainty, margin)
-    comparison = (f"{metric} {new['value']:.4g} vs champion {champion['value']:.4g}: "
-                  f"improvement {improvement:.4g}, required > {required:.4g} "
-                  f"(uncertainty {uncertainty:.4g}, margin {margin:.4g})")
+    comparison = (f"{metric} {new['value']:.4g} vs champion {champion['value']:.4g} "
+                  f"({'higher' if higher_is_better else 'lower'} is better): improvement {improvement:.4g}, "
+                  f"required > {required:.4g} (uncertainty {uncertainty:.4g}, margin {margin:.4g})")
     if improvement > required:
         return Decision(CHAMPION, f"{comparison}: promoted to champion")
     return Decision(CHALLENGER, f"{comparison}: challenger")
@@ -141,6 +198,33 @@ def _metric_from_tags(tags: dict[str, str], metric: str) -> dict[str, Any] | Non
     value = float(tags[f"ganpipe.metric.{metric}"])
     uncertainty = float(tags.get(f"ganpipe.metric.{metric}.uncertainty", 0.0) or 0.0)
     return {"value": value, "uncertainty": uncertainty}
+
+
+def _evaluation_for(run_dir: Path, weights_sha: str) -> dict[str, Any]:
+    """The run's evaluation.json when it is about these weights. An evaluation written before the
+    generator changed (training extended, not re-evaluated) must not vouch for the new weights."""
+    evaluation = runs.read_json(run_dir / "evaluation.json")
+    if not evaluation:
+        return {"status": "missing", "metrics": {}}
+    evaluated = evaluation.get("generator_sha256")
+    if evaluated and evaluated != weights_sha:
+        return {"status": "stale", "metrics": {}, "generator_sha256": evaluated}
+    return evaluation
+
+
+def _decide(client: Any, name: str, version: Any, evaluation: dict[str, Any], tags: dict[str, str],
+            primary: str, margin: float, higher_is_better: bool) -> Decision:
+    status = evaluation.get("status", "missing")
+    if status != "ok":
+        why = {"missing": "no evaluation.json in the run (run `ganpipe evaluate` or the pipeline)",
+               "failed": "its evaluation failed",
+               "stale": "evaluation.json was computed for other weights (the run changed since)"}
+        return Decision(None, f"{why.get(status, f'evaluation status {status!r}')}: no alias")
+    champion = _current(client, name, CHAMPION)
+    if champion is not None and str(champion.version) == str(version.version):
+        return Decision(CHAMPION, "this version is already the champion")
+    champion_metric = _metric_from_tags(champion.tags or {}, primary) if champion else None
+    return decide_alias(primary, _metric_from_tags(tags, primary), champion_metric, margin, higher_is_better)
 
 
 # --- registration -------------------------------------------------------------------------------
@@ -186,40 +270,22 @@ def _existing_version(client: Any, name: str, weights_sha: str) -> Any | None:
     except MlflowException:
         return None
     for version in versions:
-        if (version.tags or {}).get("ganpipe.generator_sha256") == weights_sha:
+        if (version.tags or {}).get(SHA_TAG) == weights_sha:
             return version
     return None
 
 
-def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[str, bool] | None = None
-                 ) -> dict[str, Any]:
-    """Log and register the run's EMA generator, tag its lineage, apply the alias rule."""
-    from mlflow import MlflowClient
-
-    from ganpipe.metrics import METRICS
-
-    run_dir = run_dir.resolve()
-    if not runs.is_run_dir(run_dir):
-        raise UserError(f"--run {run_dir}: not a ganpipe run directory")
-    generator = runs.generator_dir(run_dir)
-    if not (generator / "generator.safetensors").exists():
-        raise UserError(f"--run {run_dir}: training has not finished (no generator/)")
-    cfg = runs.load_run_config(run_dir)
-    name = name or cfg.registry.name
-    info = runs.read_info(run_dir)
-    evaluation = runs.read_json(run_dir / "evaluation.json")
-    spec = NetworkSpec.from_json(json.loads((generator / "spec.json").read_text()))
-    weights_sha = storage.sha256_file(generator / "generator.safetensors")
-
-    tracking.configure_mlflow()
-    client = MlflowClient()
-    version = _existing_version(client, name, weights_sha)
-    if version is None:
-        version = _log_and_register(run_dir, name, spec, info, cfg, generator)
+def _lineage_tags(run_dir: Path, info: dict[str, Any], cfg: Any, generator_dir: Path, weights_sha: str,
+                  evaluation: dict[str, Any]) -> dict[str, str]:
+    """Where the version came from, and how good it was measured to be."""
+    # generator/info.json describes these exact weights; run.json the run's latest invocation.
+    produced = runs.read_json(generator_dir / "info.json")
     tags = {
-        "ganpipe.generator_sha256": weights_sha, "ganpipe.run_dir": str(run_dir),
-        "ganpipe.data_fingerprint": info.get("data", {}).get("fingerprint", "unknown"),
-        "ganpipe.config_hash": info.get("config_hash", cfg.hash()),
+        SHA_TAG: weights_sha, "ganpipe.run_dir": str(run_dir),
+        "ganpipe.data_fingerprint": produced.get("data_fingerprint")
+        or info.get("data", {}).get("fingerprint", "unknown"),
+        "ganpipe.config_hash": produced.get("config_hash") or info.get("config_hash") or cfg.hash(),
+        "ganpipe.train_steps": str(produced.get("step", "unknown")),
         "ganpipe.git_commit": tracking.git_commit() or "unknown",
         "ganpipe.flow_run_id": tracking.flow_run_id() or "none",
         "ganpipe.evaluation_status": evaluation.get("status", "missing"),
@@ -228,29 +294,55 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
         if isinstance(result, dict) and result.get("value") is not None:
             tags[f"ganpipe.metric.{metric}"] = repr(float(result["value"]))
             tags[f"ganpipe.metric.{metric}.uncertainty"] = repr(float(result.get("uncertainty") or 0.0))
+    if evaluation.get("num_samples"):
+        tags["ganpipe.eval_num_samples"] = str(evaluation["num_samples"])
+    return tags
 
+
+def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[str, bool] | None = None
+                 ) -> dict[str, Any]:
+    """Log and register the run's EMA generator, tag its lineage, apply the alias rule.
+    `higher_is_better` overrides the metric directions of ganpipe.metrics.METRICS."""
+    from mlflow import MlflowClient
+
+    from ganpipe.metrics import METRICS
+
+    run_dir = run_dir.resolve()
+    if not runs.is_run_dir(run_dir):
+        raise UserError(f"--run {run_dir}: not a ganpipe run directory")
+    generator_dir = runs.generator_dir(run_dir)
+    if not (generator_dir / "generator.safetensors").exists():
+        raise UserError(f"--run {run_dir}: training has not finished (no generator/)")
+    cfg = runs.load_run_config(run_dir)
+    name = name or cfg.registry.name
+    if not MODEL_NAME.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '_', '.' and '-' (at most 128)")
     primary = cfg.registry.primary_metric
-    directions = higher_is_better or {k: m.higher_is_better for k, m in METRICS.items()}
-    new_value = _metric_from_tags(tags, primary) if evaluation.get("status") == "ok" else None
-    champion_version = _current(client, name, CHAMPION)
-    if champion_version is not None and champion_version.version == version.version:
-        decision = Decision(CHAMPION, "this version is already the champion")
-    else:
-        champion_value = _metric_from_tags(champion_version.tags or {}, primary) if champion_version else None
-        decision = decide_alias(primary, new_value, champion_value, cfg.registry.margin,
-                                directions.get(primary, False))
+    directions = {k: m.higher_is_better for k, m in METRICS.items()} | (higher_is_better or {})
+    if primary not in directions:
+        raise UserError(f"{run_dir / 'config.yaml'}: register.primary_metric {primary!r} is not a metric "
+                        f"({', '.join(sorted(directions))})")
+    info = runs.read_info(run_dir)
+    model, spec, weights_sha = read_generator(generator_dir)
+    evaluation = _evaluation_for(run_dir, weights_sha)
+
+    tracking.configure_mlflow()
+    client = MlflowClient()
+    version = _existing_version(client, name, weights_sha)
+    if version is None:
+        version = _log_and_register(run_dir, name, spec, info, cfg, generator_dir, weights_sha)
+    tags = _lineage_tags(run_dir, info, cfg, generator_dir, weights_sha, evaluation)
+    decision = _decide(client, name, version, evaluation, tags, primary, cfg.registry.margin, directions[primary])
     tags["ganpipe.alias_decision"] = decision.reason
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     if decision.alias:
         client.set_registered_model_alias(name, decision.alias, version.version)
     aliases = sorted(client.get_model_version(name, version.version).aliases or [])
-    card = model_card(name, int(version.version), spec, info, evaluation, decision, aliases)
+    card = model_card(name, int(version.version), spec, tags, evaluation, decision, aliases)
     client.update_model_version(name, version.version, description=card)
     if version.run_id:
-        client.log_text(version.run_id, card, f"model_card_v{version.version}.md")
-        client.log_dict(version.run_id, {"version": int(version.version), "alias": decision.alias,
-                                         "reason": decision.reason}, f"promotion_v{version.version}.json")
+        _log_version_artifacts(client, version, model, spec, card, decision)
     return {"name": name, "version": int(version.version), "aliases": aliases,
             "model_uri": f"models:/{name}/{version.version}", "decision": decision.reason}
 
@@ -265,7 +357,9 @@ def _current(client: Any, name: str, alias: str) -> Any | None:
 
 
 def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[str, Any], cfg: Any,
-                      generator: Path) -> Any:
+                      generator_dir: Path, weights_sha: str) -> Any:
+    """Log the pyfunc into the run's MLflow run (a new run when this store does not know it) and
+    register it, tagged with its weights' sha256 from the start so a retry finds it."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -278,31 +372,38 @@ def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[st
                               run_name=run_dir.name):
             logged = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT, python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"weights": str(generator / "generator.safetensors"),
-                           "spec": str(generator / "spec.json")},
+                artifacts={"weights": str(generator_dir / "generator.safetensors"),
+                           "spec": str(generator_dir / "spec.json")},
                 code_paths=[str(package)], signature=_signature(spec), input_example=_input_example(spec),
-                pip_requirements=_pip_requirements(), registered_model_name=name)
-            if spec.is_image:
-                labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None
-                model = build_generator(spec)
-                model.load_state_dict(load_file(str(generator / "generator.safetensors")))
-                from ganpipe.train import save_grid
-
-                grid = Path(tmp) / "samples.png"
-                save_grid(generate(model.eval(), spec, list(range(64)), labels), grid)
-                mlflow.log_artifact(str(grid), "registered")
-    from mlflow import MlflowClient
-
-    return MlflowClient().get_model_version(name, str(logged.registered_model_version))
+                pip_requirements=_pip_requirements())
+    return mlflow.register_model(logged.model_uri, name, tags={SHA_TAG: weights_sha})
 
 
-def model_card(name: str, version: int, spec: NetworkSpec, info: dict[str, Any], evaluation: dict[str, Any],
+def _log_version_artifacts(client: Any, version: Any, model: torch.nn.Module, spec: NetworkSpec, card: str,
+                           decision: Decision) -> None:
+    """The model card, a sample grid and the promotion decision, under registry/vN/ in the run."""
+    folder = f"registry/v{version.version}"
+    client.log_text(version.run_id, card, f"{folder}/model_card.md")
+    client.log_dict(version.run_id, {"version": int(version.version), "alias": decision.alias,
+                                     "reason": decision.reason}, f"{folder}/promotion.json")
+    if spec.is_image:
+        from ganpipe.train import save_grid
+
+        labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None
+        with tempfile.TemporaryDirectory() as tmp:
+            grid = Path(tmp) / "samples.png"
+            save_grid(generate(model, spec, list(range(64)), labels), grid)
+            client.log_artifact(version.run_id, str(grid), folder)
+
+
+def model_card(name: str, version: int, spec: NetworkSpec, tags: dict[str, str], evaluation: dict[str, Any],
                decision: Decision, aliases: list[str]) -> str:
     rows = []
     for metric, result in (evaluation.get("metrics") or {}).items():
         if isinstance(result, dict) and result.get("value") is not None:
             rows.append(f"| {metric} | {result['value']:.4g} | {result.get('uncertainty') or 0:.3g} |")
-    table = "\n".join(["| metric | value | uncertainty |", "|---|---|---|", *rows]) if rows else "_not evaluated_"
+    table = "\n".join(["| metric | value | uncertainty |", "|---|---|---|", *rows]) if rows \
+        else f"_not evaluated ({tags['ganpipe.evaluation_status']})_"
     kind = (f"{spec.sample_shape[1]}x{spec.sample_shape[2]} images, {spec.sample_shape[0]} channel(s)"
             if spec.is_image else f"vectors with columns {', '.join(spec.columns)}")
     conditional = f"conditional on {spec.num_classes} classes ({', '.join(spec.classes)})" \
@@ -312,8 +413,10 @@ def model_card(name: str, version: int, spec: NetworkSpec, info: dict[str, Any],
 
 A {spec.family.upper()} generator of {kind}, {conditional}, trained by ganpipe.
 
-- data fingerprint: `{info.get('data', {}).get('fingerprint', 'unknown')}`
-- config hash: `{info.get('config_hash', 'unknown')}`
+- data fingerprint: `{tags['ganpipe.data_fingerprint']}`
+- config hash: `{tags['ganpipe.config_hash']}` ({tags['ganpipe.train_steps']} steps)
+- git commit: `{tags['ganpipe.git_commit']}`, Prefect flow run: `{tags['ganpipe.flow_run_id']}`
+- weights sha256: `{tags[SHA_TAG]}`
 - aliases: {', '.join(aliases) or 'none'} ({decision.reason})
 
 ## Evaluation

@@ -9,35 +9,52 @@ from pathlib import Path
 
 from ganpipe import storage
 
+# MLflow 3 sends usage telemetry to the internet unless told not to; ganpipe talks only to the
+# stores it is configured with. An explicit MLFLOW_DISABLE_TELEMETRY=false still wins.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set; else sqlite under GANPIPE_HOME."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{storage.ganpipe_home() / 'mlflow.db'}"
 
 
-def is_embedded() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI")
+def is_server() -> bool:
+    """A tracking server owns its artifact location (e.g. --artifacts-destination s3://...)."""
+    return tracking_uri().split(":", 1)[0] in ("http", "https", "databricks")
 
 
 def configure_mlflow() -> None:
+    """Point this process's MLflow client at the configured store, registry included."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    if is_embedded():
-        # The model registry lives in the same sqlite file.
-        mlflow.set_registry_uri(tracking_uri())
+    uri = tracking_uri()
+    user_set = {variable: os.environ.get(variable) for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    # The registry lives with the runs (the same sqlite file, or the server) unless
+    # MLFLOW_REGISTRY_URI says otherwise; set it every time, as MLflow keeps it process-wide.
+    mlflow.set_registry_uri(user_set["MLFLOW_REGISTRY_URI"] or uri)
+    # MLflow also exports what it is given to os.environ. Put the environment back as the user
+    # set it: otherwise the embedded default would stop following GANPIPE_HOME in this process
+    # and override it in every child process.
+    for variable, value in user_set.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
 
 
 def experiment_id(name: str) -> str:
-    """The experiment's id, created on first use. In the embedded store its artifacts live under
-    GANPIPE_HOME (MLflow would otherwise write ./mlruns beside whatever the working directory is)."""
+    """The experiment's id, created on first use. Without a tracking server its artifacts live
+    under GANPIPE_HOME (MLflow would otherwise write ./mlruns beside whatever the working directory
+    is, and models logged from one directory would not load from another)."""
     import mlflow
 
     configure_mlflow()
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    location = (storage.ganpipe_home() / "mlartifacts").as_uri() if is_embedded() else None
+    location = None if is_server() else (storage.ganpipe_home() / "mlartifacts").as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:
@@ -64,13 +81,23 @@ def known_run(run_id: str | None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the checkout ganpipe runs from, when it is one (else None)."""
+    """The commit of the checkout ganpipe runs from, with `-dirty` when it has uncommitted
+    changes; None when ganpipe is not a checkout's own `ganpipe/` (an installed copy inside some
+    other repository must not report that repository's commit)."""
+    package = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
+        head = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package,
+                              capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        toplevel, commit = head.stdout.split()
+        if Path(toplevel).resolve() / "ganpipe" != package:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                cwd=package, capture_output=True, text=True, timeout=10)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return commit + ("-dirty" if status.stdout.strip() else "")
 
 
 def flow_run_id() -> str | None:

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,61 @@ def tiny_conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cfg = load_config(config, ["model.conditional=true", "register.name=tiny-digits-cgan"])
         result = launch_training(cfg, resume="auto")
     return Path(result["run_dir"])
+
+
+# --- MLflow: a real `mlflow server` on 127.0.0.1, sqlite backend, artifacts in moto S3 -------------
+
+@dataclass
+class MlflowServer:
+    uri: str  # http://127.0.0.1:PORT, also exported as MLFLOW_TRACKING_URI for the test
+    artifacts: str  # s3://BUCKET/mlflow: where the server puts every artifact
+    bucket: str
+    s3_endpoint: str
+    log: Path
+
+
+@pytest.fixture
+def mlflow_server(s3: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowServer]:
+    """A tracking server process for one test (with the `s3` fixture's fresh bucket). Clients,
+    including `ganpipe` subprocesses, reach it through MLFLOW_TRACKING_URI; artifacts are proxied
+    by the server, so only the server needs the S3 endpoint and credentials."""
+    import signal
+
+    endpoint, bucket = s3
+    port = free_port()
+    folder = tmp_path / "mlflow-server"
+    folder.mkdir()
+    artifacts = f"s3://{bucket}/mlflow"
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = folder / "server.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", artifacts],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # a loaded 2-core machine can take a minute or more
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                wait_for_http(f"{uri}/health", timeout=1.0)
+                break
+            except TimeoutError:
+                continue
+        else:
+            raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield MlflowServer(uri, artifacts, bucket, endpoint, log_path)
+    finally:
+        # The server runs uvicorn workers in its own session: stop the whole group it started.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()

@@ -113,16 +113,6 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: flo
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-@pytest.fixture(autouse=True)
-def no_mlflow_uri_leak() -> Iterator[None]:
-    """mlflow.set_tracking_uri (which ganpipe.tracking calls in this process) also exports
-    MLFLOW_TRACKING_URI to os.environ: later tests, and every process they start, would otherwise
-    use this test's store instead of their own GANPIPE_HOME's."""
-    yield
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        os.environ.pop(name, None)
-
-
 @pytest.fixture(scope="module")
 def prefect_api() -> Iterator[None]:
     """One temporary Prefect API (a subprocess server on 127.0.0.1) for this module's tests."""
@@ -204,10 +194,12 @@ def test_bad_input_fails_the_named_stage_and_is_not_retried(client: Any, tiny_co
     logs = log_messages(client, state.state_details.flow_run_id)
     assert any(m.startswith("stage ingest failed: data.source") for m in logs), logs
 
-    # A config whose promotion metric is never computed fails before any stage runs.
-    state = training_pipeline(str(tiny_config), ["register.primary_metric=kid"], return_state=True)
-    assert state.is_failed() and "register.primary_metric: 'kid' is not among eval.metrics" in state.message
-    assert task_runs(client, state.state_details.flow_run_id) == {}
+    # Evaluation settings that cannot work fail before any stage runs.
+    for override, error in (("register.primary_metric=kid", "register.primary_metric: 'kid' is not among eval.metrics"),
+                            ("eval.metrics=[fd_domain,fdd]", "fdd")):
+        state = training_pipeline(str(tiny_config), [override], return_state=True)
+        assert state.is_failed() and error in state.message, state.message
+        assert task_runs(client, state.state_details.flow_run_id) == {}
 
 
 def test_transient_storage_failure_is_retried(client: Any, tiny_config: Path, tiny_run: Path,
@@ -248,24 +240,27 @@ def test_transient_storage_failure_is_retried(client: Any, tiny_config: Path, ti
     assert export_run.state.is_completed() and export_run.run_count >= 2, "the storage failure was retried"
 
 
-def test_failed_evaluation_fails_the_flow_and_registers_nothing(client: Any, tiny_config: Path) -> None:
-    """Evaluation with fid fails after training (fid is unknown to this build, or, where it exists,
-    has no value without Inception weights): the evaluate stage fails, and registration - which
-    would record a version without an alias decision - never starts."""
+def test_failed_evaluation_fails_the_flow_and_registers_nothing(client: Any, tiny_config: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """fid has no value without the Inception weights (none here: an empty torch hub cache), so
+    the evaluate stage fails after training, and registration - which would record a version
+    without an alias decision - never starts."""
     import mlflow
 
     from ganpipe import tracking
 
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     state = training_pipeline(str(tiny_config), ["eval.metrics=[fid]", "register.primary_metric=fid"],
                               return_state=True)
-    assert state.is_failed() and "evaluate failed: " in state.message and "fid" in state.message, state.message
+    assert state.is_failed() and "evaluate failed: fid has no value (needs the InceptionV3 FID weights" in \
+        state.message, state.message
     runs = task_runs(client, state.state_details.flow_run_id)
     assert list(runs) == ["ingest", "train", "evaluate"]
     assert runs["train"].state.is_completed() and runs["evaluate"].state.is_failed()
     tracking.configure_mlflow()
     assert mlflow.MlflowClient().search_registered_models() == [], "nothing may be registered"
     flush_logs()
-    assert any(m.startswith("stage evaluate failed: ") and "fid" in m
+    assert any(m.startswith("stage evaluate failed: fid has no value")
                for m in log_messages(client, state.state_details.flow_run_id))
 
 

@@ -26,7 +26,6 @@ from tests.test_flows import (
     artifacts,
     is_rank,
     log_messages,
-    no_mlflow_uri_leak,  # noqa: F401 - autouse fixture
     table_rows,
     task_runs,
     wait_for,
@@ -174,11 +173,11 @@ def test_triggered_pipeline_completes_with_artifacts(stack: Stack, worker: None,
     assert list(task_runs(client, flow_run_id)) == ["ingest", "train", "evaluate", "register"]
     logs = log_messages(client, flow_run_id)
     assert any(m.startswith("step 20/20 ") for m in logs), "the trainer's lines stream into the run log"
-    mlflow.set_tracking_uri(f"sqlite:///{stack.home / 'mlflow.db'}")
-    registry = mlflow.MlflowClient(registry_uri=f"sqlite:///{stack.home / 'mlflow.db'}")
+    store = f"sqlite:///{stack.home / 'mlflow.db'}"
+    registry = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     version = registry.get_model_version_by_alias("tiny-digits", "champion")
     assert int(version.version) == 1
-    trained = mlflow.get_run(version.run_id).data.metrics
+    trained = registry.get_run(version.run_id).data.metrics
 
     found = artifacts(client, flow_run_id)
     assert {"ganpipe-summary", "ganpipe-metrics", "ganpipe-training-progress"} <= set(found)

@@ -4,7 +4,8 @@ Kept free of torch and datasets imports so pool workers start fast.
 
 Preprocessing policy (documented in the README):
 - mode: converted to L (1 channel) or RGB (3 channels); palette and alpha images go through RGBA,
-  and alpha is dropped (colour values kept), so L, RGB, RGBA and P inputs mix freely.
+  and alpha is dropped (colour values kept), so L, RGB, RGBA and P inputs mix freely; 16-bit
+  greyscale is scaled into 8 bits (65535 -> 255) rather than clipped.
 - size: `center_crop` scales the shorter side to the resolution (bicubic, anti-aliased when
   shrinking) and crops the centre square; `pad` scales the longer side and pads with black;
   `stretch` scales both sides, ignoring the aspect ratio.
@@ -14,12 +15,14 @@ Preprocessing policy (documented in the README):
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "F"}  # and the 16-bit modes, I;16*
 
 
 @dataclass(frozen=True)
@@ -29,36 +32,81 @@ class ImageSpec:
     resize: str  # center_crop | pad | stretch
 
 
+Record = tuple[bytes | None, str | None]  # encoded bytes, or a local path the worker reads
+
+
 def open_image(data: bytes | None, path: str | None) -> Image.Image:
     if data is not None:
-        image = Image.open(io.BytesIO(data))
+        image = plain_png(data) or Image.open(io.BytesIO(data))
     elif path:
         image = Image.open(path)
     else:
-        raise ValueError("no image data")
+        raise ValueError("missing image")
     image.load()
     return image
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}  # 8-bit colour types -> PIL mode (= raw mode)
+
+
+def plain_png(data: bytes) -> Image.Image | None:
+    """A plain PNG (8-bit grey, grey+alpha, RGB or RGBA; not interlaced; no transparency chunk),
+    decoded by PIL's own PNG decoder without going through `Image.open`, or None for anything else
+    (which `Image.open` then handles, errors included).
+
+    For small images `Image.open` is mostly Python overhead (format detection, chunk handling):
+    this is about twice as fast for 28x28 greyscale digits, with the same pixels."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    header, idat, pos = None, [], len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunk = data[pos + 8:pos + 8 + length]
+        if len(chunk) != length or zlib.crc32(kind + chunk) != struct.unpack_from(">I", data, pos + 8 + length)[0]:
+            return None
+        if kind == b"IHDR" and length == 13:
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"IDAT":
+            idat.append(chunk)
+        elif kind in (b"tRNS", b"PLTE"):
+            return None
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or not idat:
+        return None
+    width, height, depth, colour, compression, filtering, interlace = header
+    mode = PNG_MODES.get(colour)
+    if depth != 8 or mode is None or (compression, filtering, interlace) != (0, 0, 0):
+        return None
+    if not 0 < width * height <= (Image.MAX_IMAGE_PIXELS or width * height):
+        return None  # Image.open refuses decompression bombs (and empty images) with its own error
+    return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode)
+
+
 def is_grayscale(image: Image.Image) -> bool:
-    return image.mode in GRAYSCALE_MODES
+    return image.mode in GRAYSCALE_MODES or image.mode.startswith("I;16")
 
 
-def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    target_mode = "L" if spec.channels == 1 else "RGB"
-    if image.mode == "P" or (image.mode not in ("L", "RGB") and image.mode not in GRAYSCALE_MODES):
-        image = image.convert("RGBA")
-    if image.mode in ("I", "I;16", "F"):
-        # 16-bit and float greyscale: scale the full range into 8 bits rather than clipping.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    target = "L" if channels == 1 else "RGB"
+    if image.mode == target:
+        return image
+    if image.mode.startswith("I;16"):
+        # 16-bit greyscale: 65535 -> 255, rather than PIL's clipping at 255.
+        scaled = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
-    if image.mode != target_mode:
-        image = image.convert(target_mode)
-    image = resize(image, spec)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
+    elif image.mode in ("I", "F"):
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float64).round(), 0, 255).astype(np.uint8), mode="L")
+    elif not is_grayscale(image) and image.mode != "RGB":
+        image = image.convert("RGBA")  # palettes (with transparency) and other modes; alpha dropped below
+    return image.convert(target)
+
+
+def preprocess(image: Image.Image, spec: ImageSpec) -> Image.Image:
+    """The image in the target mode and size."""
+    return resize(to_mode(image, spec.channels), spec)
 
 
 def resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
@@ -82,17 +130,35 @@ def resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
     return canvas
 
 
-def decode_chunk(records: list[tuple[bytes | None, str | None]], spec: ImageSpec
-                 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Decode a chunk. Returns the stacked images of the good records (in order) and, for the bad
-    ones, (position in chunk, reason)."""
-    out = np.empty((len(records), spec.resolution, spec.resolution, spec.channels), dtype=np.uint8)
+def _of(data: bytes | None, path: str | None) -> str:
+    return f" {path}" if data is None and path else ""
+
+
+def warm_up() -> None:
+    """A worker's first task: importing this module is the work."""
+
+
+def decode_chunk(records: list[Record], spec: ImageSpec) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode a chunk. Returns the stacked images of the good records (in order), uint8
+    N x H x W x C, and for the bad ones (position in chunk, reason)."""
+    size = spec.resolution
+    # The images are pasted one under the other onto one canvas, copied out once at the end:
+    # cheaper than a conversion to numpy per image, which costs as much as decoding a small PNG.
+    canvas = Image.new("L" if spec.channels == 1 else "RGB", (size, size * max(len(records), 1)))
     bad: list[tuple[int, str]] = []
     kept = 0
     for position, (data, path) in enumerate(records):
+        if data is None and not path:
+            bad.append((position, "missing image"))
+            continue
         try:
-            out[kept] = preprocess(open_image(data, path), spec)
+            canvas.paste(preprocess(open_image(data, path), spec), (0, size * kept))
             kept += 1
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            bad.append((position, f"undecodable image: {exc}"))
-    return out[:kept], bad
+        except FileNotFoundError:
+            bad.append((position, f"image file not found: {path}"))
+        except UnidentifiedImageError:
+            bad.append((position, f"undecodable image{_of(data, path)}: not an image format PIL can read"))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is this record's fault
+            bad.append((position, f"undecodable image{_of(data, path)}: {type(exc).__name__}: {exc}"))
+    images = np.frombuffer(canvas.tobytes(), dtype=np.uint8).reshape(-1, size, size, spec.channels)
+    return images[:kept], bad

@@ -1,10 +1,15 @@
-"""Open any `data.source` as a Hugging Face dataset, and fingerprint its content cheaply.
+"""Resolve any `data.source`, fingerprint its content cheaply, and open it as a Hugging Face dataset.
 
 Sources (../shared/CONTRACT.md): a hub id (`user/name`), a local `save_to_disk` folder, parquet or
-CSV files (a file, a glob or a folder of them), an image folder, `s3://bucket/prefix` holding
-parquet files or an image folder, and `builtin:digits` (scikit-learn's digits, written once as a
-local Hugging Face dataset). Everything is read through `datasets`; file sources stream, so a
-dataset never has to fit in memory.
+CSV files (a file, a glob or a folder of them), an image folder (labels from subfolder names),
+`s3://bucket/prefix` holding parquet files or an image folder, and `builtin:digits`
+(scikit-learn's digits, written once as a local `save_to_disk` folder).
+
+Two steps, so that a cache hit never opens the data:
+- `resolve_source` lists the data files and fingerprints their content: hashed bytes locally, ETags
+  and sizes on S3 (no object is read), the resolved commit for hub ids. It never imports `datasets`.
+- `open_dataset` opens them through `datasets`: file sources stream, `save_to_disk` folders are
+  memory-mapped, so a dataset never has to fit in memory.
 """
 
 from __future__ import annotations
@@ -13,93 +18,114 @@ import glob
 import hashlib
 import os
 import re
-from dataclasses import dataclass
-from pathlib import Path
-
-import datasets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 from ganpipe import storage
-from ganpipe.config import DataConfig
 from ganpipe.errors import UserError
+
+if TYPE_CHECKING:  # `datasets` takes seconds to import; decode workers and cache hits never need it.
+    import datasets
+
+    from ganpipe.config import DataConfig
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
+SAVE_TO_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+BATCH_ROWS = 512  # rows per Arrow batch read from a source
 
 
 @dataclass
-class OpenedSource:
-    dataset: datasets.Dataset | datasets.IterableDataset
-    fingerprint: str  # content fingerprint of the input (bytes, or immutable revision)
-    description: str  # for error messages: what was opened
+class Source:
+    """A resolved `data.source`: what it is, which files hold it and a fingerprint of their content."""
+
+    uri: str
+    format: str  # save_to_disk | parquet | csv | imagefolder | hub
+    fingerprint: str  # changes whenever any input byte (or the hub commit) changes
+    description: str  # names the source in error messages
+    files: list[str] = field(default_factory=list)  # data files: local paths or s3:// URIs
+    root: str = ""  # folder or prefix that relative image paths in a table are resolved against
+    num_bytes: int = 0  # size of the data files (0 when unknown: hub)
+    dataset: Any = None  # hub sources are opened while resolving them
 
 
-def open_source(cfg: DataConfig, endpoint_url: str | None = None) -> OpenedSource:
+def resolve_source(cfg: DataConfig, endpoint_url: str | None = None) -> Source:
     source = cfg.source
     if source.startswith("builtin:"):
         from ganpipe.data.digits import builtin_dataset_path
 
-        return _open_local(builtin_dataset_path(source), cfg)
+        return _resolve_local(builtin_dataset_path(source), source)
     if source.startswith("s3://"):
-        return _open_s3(source, cfg, endpoint_url)
+        return _resolve_s3(source, cfg, endpoint_url)
     path = storage.local_path(source)
     if path.exists() or glob.has_magic(source):
-        return _open_local(path, cfg)
+        return _resolve_local(path, source)
     if HUB_ID.match(source):
-        return _open_hub(source, cfg)
+        return _resolve_hub(source, cfg)
     raise UserError(f"data.source: {source!r} is not an existing path, an s3:// URI or a hub id (user/name)")
 
 
-def _pick_split(ds: datasets.Dataset | datasets.DatasetDict, cfg: DataConfig) -> datasets.Dataset:
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.split not in ds:
-            raise UserError(f"data.split: {cfg.split!r} not in {cfg.source} (splits: {', '.join(ds)})")
-        return ds[cfg.split]
-    return ds
+# --- local files ----------------------------------------------------------------------------------
 
-
-def _open_local(path: Path, cfg: DataConfig) -> OpenedSource:
-    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
-        # state.json carries a random per-write id; the data files and schema are the content.
+def _resolve_local(path: Path, uri: str) -> Source:
+    if path.is_dir() and any((path / name).exists() for name in SAVE_TO_DISK_MARKERS):
+        # state.json carries a random per-write id; the data files and the schema are the content.
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "state.json")
-        ds = _pick_split(datasets.load_from_disk(str(path)), cfg)
-        return OpenedSource(ds, _hash_local_files(files, path), f"save_to_disk folder {path}")
+        return Source(uri, "save_to_disk", _hash_local_files(files, path), f"save_to_disk folder {path}",
+                      root=str(path), num_bytes=_size(files))
     if path.is_dir():
+        # Tables first: a table may name image files kept beside it; an image folder's only table
+        # is its optional metadata.csv/.jsonl/.parquet (which _files_with leaves out).
         tables = _files_with(path, TABLE_BUILDERS)
         if tables:
-            return _open_tables(tables, _hash_local_files(tables, path), str(path))
+            return _table_source(uri, tables, path, str(path))
         images = _files_with(path, IMAGE_EXTENSIONS)
         if not images:
             raise UserError(f"data.source: {path} holds no parquet, CSV or image files")
-        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train", streaming=True)
-        return OpenedSource(ds, _hash_local_files(images, path), f"image folder {path}")
-    files = sorted(Path(p) for p in glob.glob(str(path))) if glob.has_magic(str(path)) else [path]
+        metadata = [p for p in path.rglob("metadata.*") if p.is_file()]
+        return Source(uri, "imagefolder", _hash_local_files(sorted(images + metadata), path), f"image folder {path}",
+                      files=[str(f) for f in images], root=str(path), num_bytes=_size(images))
+    files = sorted(Path(p) for p in glob.glob(str(path), recursive=True)) if glob.has_magic(str(path)) else [path]
     files = [f for f in files if f.is_file()]
     if not files:
         raise UserError(f"data.source: no files match {path}")
-    return _open_tables([str(f) for f in files], _hash_local_files(files, None), str(path))
+    root = Path(os.path.commonpath([f.parent for f in files]))
+    return _table_source(uri, files, root, str(path))
 
 
-def _open_tables(files: list, fingerprint: str, description: str) -> OpenedSource:
-    suffixes = {Path(str(f)).suffix.lower() for f in files}
+def _table_source(uri: str, files: list[Path], root: Path, description: str) -> Source:
+    builder = _table_builder([str(f) for f in files], description)
+    return Source(uri, builder, _hash_local_files(files, root), f"{builder} files {description}",
+                  files=[str(f) for f in files], root=str(root), num_bytes=_size(files))
+
+
+def _table_builder(files: list[str], description: str) -> str:
+    suffixes = {PurePosixPath(f).suffix.lower() for f in files}
     if len(suffixes) != 1 or next(iter(suffixes)) not in TABLE_BUILDERS:
         raise UserError(f"data.source: {description}: expected .parquet or .csv files, found {sorted(suffixes)}")
-    builder = TABLE_BUILDERS[suffixes.pop()]
-    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
-    return OpenedSource(ds, fingerprint, f"{builder} files {description}")
+    return TABLE_BUILDERS[suffixes.pop()]
 
 
 def _files_with(root: Path, extensions) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                  and p.stem != "metadata" and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def _hash_local_files(files: list, root: Path | None) -> str:
-    """Hash of every file's name and bytes: any change to the input changes it."""
+def _size(files: list[Path]) -> int:
+    return sum(Path(f).stat().st_size for f in files)
+
+
+def _hash_local_files(files: list[Path], root: Path) -> str:
+    """Hash of every file's path (relative to `root`, so the same data elsewhere hashes the same)
+    and bytes: any change to the input changes it."""
     digest = hashlib.sha256()
     for f in files:
-        f = Path(f)
-        digest.update(str(f.relative_to(root) if root else f.name).encode() + b"\0")
+        digest.update(Path(f).relative_to(root).as_posix().encode() + b"\0")
         with open(f, "rb") as fh:
             while block := fh.read(1 << 20):
                 digest.update(block)
@@ -107,42 +133,62 @@ def _hash_local_files(files: list, root: Path | None) -> str:
     return digest.hexdigest()
 
 
-def _open_s3(uri: str, cfg: DataConfig, endpoint_url: str | None) -> OpenedSource:
+# --- S3 -------------------------------------------------------------------------------------------
+
+def _resolve_s3(uri: str, cfg: DataConfig, endpoint_url: str | None) -> Source:
     fs, root = storage.filesystem(uri, endpoint_url)
+    root = root.rstrip("/")
     try:
         listing = fs.find(root, detail=True)
     except (PermissionError, OSError) as exc:
         raise UserError(f"data.source: cannot list {uri}: {exc}") from None
     # S3 ETags are content hashes: listing them fingerprints the bytes without reading them.
-    entries = sorted((k, v.get("ETag") or v.get("etag") or "", v.get("size", 0)) for k, v in listing.items())
-    tables = [k for k, _, _ in entries if Path(k).suffix.lower() in TABLE_BUILDERS]
-    images = [k for k, _, _ in entries if Path(k).suffix.lower() in IMAGE_EXTENSIONS]
-    digest = hashlib.sha256("\n".join(f"{k}\0{e}\0{s}" for k, e, s in entries).encode()).hexdigest()
-    options = storage.s3_options(endpoint_url)
+    entries = sorted((key, info.get("ETag") or info.get("etag") or "", info.get("size", 0))
+                     for key, info in listing.items() if not _hidden(key, root))
+    digest = hashlib.sha256("\n".join(f"{_relative(k, root)}\0{e}\0{s}" for k, e, s in entries).encode()).hexdigest()
+    keys = [key for key, _, _ in entries]
+    size = {key: s for key, _, s in entries}
+    images = [k for k in keys if PurePosixPath(k).suffix.lower() in IMAGE_EXTENSIONS]
+    tables = [k for k in keys if PurePosixPath(k).suffix.lower() in TABLE_BUILDERS and PurePosixPath(k).stem != "metadata"]
     if tables:
-        suffix = Path(tables[0]).suffix.lower()
-        ds = datasets.load_dataset(TABLE_BUILDERS[suffix], data_files=[f"s3://{k}" for k in tables],
-                                   split="train", streaming=True, storage_options=options)
-        return OpenedSource(ds, digest, f"parquet files at {uri}")
+        builder = _table_builder(tables, uri)
+        return Source(uri, builder, digest, f"{builder} files {uri}", files=[f"s3://{k}" for k in tables],
+                      root=f"s3://{root}", num_bytes=sum(size[k] for k in tables))
     if images:
-        ds = datasets.load_dataset("imagefolder", data_files=[f"s3://{k}" for k in images],
-                                   split="train", streaming=True, storage_options=options)
-        return OpenedSource(ds, digest, f"image folder at {uri}")
+        # Like a local image folder with split subfolders (train/, test/): keep data.split's.
+        images = [k for k in images if _relative(k, root).split("/", 1)[0] == cfg.split] or images
+        return Source(uri, "imagefolder", digest, f"image folder {uri}", files=[f"s3://{k}" for k in images],
+                      root=f"s3://{root}", num_bytes=sum(size[k] for k in images))
     raise UserError(f"data.source: {uri} holds no parquet, CSV or image files")
 
 
-def _open_hub(repo_id: str, cfg: DataConfig) -> OpenedSource:
-    try:
-        ds = datasets.load_dataset(repo_id, name=cfg.config_name, split=cfg.split, revision=cfg.revision,
-                                   streaming=True)
-    except (FileNotFoundError, ConnectionError, ValueError, OSError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        hint = " (offline mode is on)" if offline else ""
-        raise UserError(f"data.source: cannot load hub dataset {repo_id!r}{hint}: {exc}") from None
+def _relative(key: str, root: str) -> str:
+    return key[len(root):].lstrip("/") if key.startswith(root) else key
+
+
+def _hidden(key: str, root: str) -> bool:
+    return any(part.startswith(".") for part in _relative(key, root).split("/"))
+
+
+# --- the Hugging Face hub -------------------------------------------------------------------------
+
+def _resolve_hub(repo_id: str, cfg: DataConfig) -> Source:
+    description = f"hub dataset {repo_id}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
+        os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0")
+    with datasets_without_torch() as datasets:
+        try:
+            dataset = datasets.load_dataset(repo_id, name=cfg.config_name, split=cfg.split, revision=cfg.revision,
+                                            streaming=True)
+        except (FileNotFoundError, ConnectionError, ValueError, OSError) as exc:
+            hint = (" (offline: HF_HUB_OFFLINE is set and the dataset is not in the local Hugging Face cache;"
+                    " unset it, or save the dataset with save_to_disk and point data.source at that folder)"
+                    if offline else "")
+            raise UserError(f"data.source: cannot load {description}{hint}: {exc}") from None
     # A pinned revision is immutable; a branch can move, so the commit it resolves to is the content id.
-    sha = _hub_commit(repo_id, cfg.revision)
-    fingerprint = hashlib.sha256(f"{repo_id}\0{cfg.config_name}\0{cfg.split}\0{sha}".encode()).hexdigest()
-    return OpenedSource(ds, fingerprint, f"hub dataset {repo_id}")
+    commit = _hub_commit(repo_id, cfg.revision)
+    fingerprint = hashlib.sha256(f"{repo_id}\0{cfg.config_name}\0{cfg.split}\0{commit}".encode()).hexdigest()
+    return Source(repo_id, "hub", fingerprint, description, dataset=dataset)
 
 
 def _hub_commit(repo_id: str, revision: str | None) -> str:
@@ -150,5 +196,52 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
         from huggingface_hub import HfApi
 
         return HfApi().dataset_info(repo_id, revision=revision).sha or (revision or "main")
-    except Exception:  # noqa: BLE001 - the commit id is best effort; the load above already succeeded
+    except Exception:  # noqa: BLE001 - offline with a cached copy: the revision name is the best id we have
         return revision or "main"
+
+
+# --- opening with datasets ------------------------------------------------------------------------
+
+def open_dataset(source: Source, cfg: DataConfig, endpoint_url: str | None = None
+                 ) -> datasets.Dataset | datasets.IterableDataset:
+    """The source as a `datasets` dataset. Call inside `datasets_without_torch()`."""
+    import datasets
+
+    if source.dataset is not None:
+        return source.dataset
+    if source.format == "save_to_disk":
+        loaded = datasets.load_from_disk(source.root)
+        if isinstance(loaded, datasets.DatasetDict):
+            if cfg.split not in loaded:
+                raise UserError(f"data.split: {cfg.split!r} not in {source.uri} (splits: {', '.join(loaded)})")
+            return loaded[cfg.split]
+        return loaded
+    options = storage.s3_options(endpoint_url) if source.uri.startswith("s3://") else None
+    if source.format == "imagefolder" and options is None:
+        # data_dir lets datasets find split subfolders (train/, test/) and label subfolders itself.
+        return datasets.load_dataset("imagefolder", data_dir=source.root, split=cfg.split, streaming=True)
+    # Parquet is read in batches of BATCH_ROWS rows, not whole row groups (which also copes with
+    # files that hold no rows, where datasets would otherwise ask for batches of 0 rows).
+    batching = {"batch_size": BATCH_ROWS} if source.format == "parquet" else {}
+    return datasets.load_dataset(source.format, data_files=source.files, split="train", streaming=True,
+                                 storage_options=options, **batching)
+
+
+@contextmanager
+def datasets_without_torch() -> Iterator[Any]:
+    """Yields the `datasets` module, kept from importing torch.
+
+    When torch is installed, `datasets` imports it to build every IterableDataset (seconds, and
+    hundreds of MB of memory) although ingest never hands data to torch. Unless torch is loaded
+    already, datasets is told it is absent for the duration."""
+    import datasets
+
+    if "torch" in sys.modules:
+        yield datasets
+        return
+    saved = datasets.config.TORCH_AVAILABLE
+    datasets.config.TORCH_AVAILABLE = False
+    try:
+        yield datasets
+    finally:
+        datasets.config.TORCH_AVAILABLE = saved

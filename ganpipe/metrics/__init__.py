@@ -1,31 +1,66 @@
 """Quality metrics: one registry, one `evaluate` used by the CLI and the pipeline.
 
-Each metric is a function of an `EvalContext` (the real and generated samples, and cached
-features) returning a dict with at least `value` and `uncertainty`. Reference features of real
-data are cached under $GANPIPE_HOME/cache/stats, keyed by dataset fingerprint, feature
-extractor, sample count and seed, so a second evaluation against the same data reuses them.
+Each metric is a function of an `EvalContext` (the real and generated samples, feature
+extractors, cached features) returning a dict with at least `value` and `uncertainty`.
+
+Reference features of real data, and their float64 mean and covariance, are cached under
+$GANPIPE_HOME/cache/stats/<key>/ where the key covers the dataset fingerprint (which covers its
+preprocessing), the feature extractor (for Inception: the weights file's hash and the input
+preprocessing), the sample count and the subset seed. A second evaluation against the same data
+reads them instead of extracting again.
+
+Under `accelerate launch` (`ganpipe evaluate --num-processes N`), every process extracts
+features for its own contiguous range of samples, the ranges are gathered in order, and the main
+process computes the metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ganpipe import storage
 from ganpipe.errors import UserError
 from ganpipe.metrics.frechet import frechet_with_uncertainty, gaussian_stats
+from ganpipe.metrics.parallel import gather_rows, shard
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 
 Samples = RealSamples | GeneratedSamples
+FID_RELIABLE_SAMPLES = 2048  # below this the 2048-d covariance is rank-deficient
 
 
 class MetricUnavailable(RuntimeError):
     """A metric cannot run here (missing weights, no labels); the others still run."""
+
+
+def default_device(accelerator: Any | None = None) -> torch.device:
+    if accelerator is not None:
+        return accelerator.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def main_process_first(accelerator: Any | None) -> Iterator[None]:
+    """The main process runs the block first (it may train, download or write a cache the others
+    then read); the others wait for it, even when it fails."""
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    if distributed and not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if distributed and accelerator.is_main_process:
+            accelerator.wait_for_everyone()
 
 
 @dataclass
@@ -35,28 +70,161 @@ class EvalContext:
     bootstrap: int = 20
     seed: int = 0
     inception_weights: str | None = None
+    accelerator: Any | None = None  # an accelerate.Accelerator when run under `accelerate launch`
+    _extractors: dict[str, Any] = field(default_factory=dict)
     _features: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
-    def features(self, extractor: Any, side: Samples) -> np.ndarray:
-        """Features of one side, computed once per extractor; real-data features cached on disk."""
+    @property
+    def device(self) -> torch.device:
+        return default_device(self.accelerator)
+
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        acc = self.accelerator
+        return (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank_and_world[0] == 0
+
+    def extractor(self, name: str) -> Any:
+        """A feature function by name ("inception", "domain"), built once per evaluation."""
+        if name not in self._extractors:
+            self._extractors[name] = EXTRACTORS[name](self)
+        return self._extractors[name]
+
+    def features(self, name: str, side: Samples) -> np.ndarray:
+        """float32 features of one side; the real side's are read from, or written to, the cache."""
+        extractor = self.extractor(name)
         key = (extractor.id, id(side))
-        if key in self._features:
-            return self._features[key]
-        cache_file = None
-        if isinstance(side, RealSamples):
-            digest = hashlib.sha256(f"{extractor.id}|{side.cache_key}".encode()).hexdigest()[:24]
-            cache_file = storage.ganpipe_home() / "cache" / "stats" / f"{digest}.npy"
-            if cache_file.exists():
-                self._features[key] = np.load(cache_file)
-                return self._features[key]
-        features = np.concatenate([extractor(batch) for batch, _ in side.batches()])
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp.npy")
-            np.save(tmp, features)
-            tmp.replace(cache_file)
-        self._features[key] = features
-        return features
+        if key not in self._features:
+            entry = self.cache_entry(extractor, side) if isinstance(side, RealSamples) else None
+            if entry is not None and (entry / "features.npy").exists():
+                self._features[key] = np.load(entry / "features.npy", mmap_mode="r")
+            else:
+                self._features[key] = self._extract(extractor, side)
+                if entry is not None:
+                    self._store(entry, extractor, side, self._features[key])
+        return self._features[key]
+
+    def reference_stats(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """float64 mean and covariance of the real side's features (cached beside them)."""
+        entry = self.cache_entry(self.extractor(name), self.real)
+        if not (entry / "stats.npz").exists():
+            self.features(name, self.real)
+        with np.load(entry / "stats.npz") as stats:
+            return stats["mu"], stats["sigma"]
+
+    def cache_entry(self, extractor: Any, side: RealSamples) -> Path:
+        key = {"extractor": extractor.id, "samples": side.cache_key}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return storage.ganpipe_home() / "cache" / "stats" / digest
+
+    def _extract(self, extractor: Any, side: Samples) -> np.ndarray:
+        rank, world = self.rank_and_world
+        start, stop = shard(side.num_samples, rank, world)
+        local = np.concatenate([extractor(batch) for batch, _ in side.batches(start=start, stop=stop)])
+        return gather_rows(self.accelerator, local, side.num_samples) if world > 1 else local
+
+    def _store(self, entry: Path, extractor: Any, side: RealSamples, features: np.ndarray) -> None:
+        if self.is_main:
+            mu, sigma = gaussian_stats(features)
+            with storage.atomic_directory(entry) as tmp:
+                np.save(tmp / "features.npy", features)
+                np.savez(tmp / "stats.npz", mu=mu, sigma=sigma)
+                (tmp / "meta.json").write_text(json.dumps(
+                    {"extractor": extractor.id, "extractor_info": extractor.info, "samples": side.cache_key,
+                     "fingerprint": side.data.fingerprint, "num_samples": side.num_samples, "seed": side.seed,
+                     "created_at": time.time()}, indent=2))
+        if self.rank_and_world[1] > 1:
+            self.accelerator.wait_for_everyone()
+
+
+# --- feature extractors ----------------------------------------------------------------------------
+
+def _inception(ctx: EvalContext) -> Any:
+    from ganpipe.metrics.inception import InceptionFeatures, WeightsMissing, resolve_weights
+
+    if ctx.real.data.kind != "image":
+        raise MetricUnavailable("Inception features need image data")
+    try:
+        weights = resolve_weights(ctx.inception_weights)
+    except WeightsMissing as exc:
+        raise MetricUnavailable(str(exc)) from None
+    with main_process_first(ctx.accelerator):  # hash and load once from a cold disk, then the others
+        return InceptionFeatures(weights, ctx.device)
+
+
+def _domain(ctx: EvalContext) -> Any:
+    from ganpipe.metrics.domain import DomainFeatures
+
+    with main_process_first(ctx.accelerator):  # the main process trains and caches the network; the others load it
+        return DomainFeatures(ctx.real.data)
+
+
+EXTRACTORS: dict[str, Callable[[EvalContext], Any]] = {"inception": _inception, "domain": _domain}
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+def rank_warning(num_samples: int, dims: int, what: str) -> str | None:
+    if num_samples >= dims:
+        return None
+    return (f"{what} from {num_samples} samples is unreliable: fewer than the {dims} feature dimensions, "
+            f"so the covariance is rank-deficient and the distance biased upwards; use --num-samples {dims} "
+            "or more (50,000 for numbers comparable with papers)")
+
+
+def _frechet(ctx: EvalContext, extractor: str, what: str) -> dict[str, Any]:
+    reference = ctx.reference_stats(extractor)
+    fake = ctx.features(extractor, ctx.fake)
+    # A reference smaller than the feature dimension is used as samples: no d x d square root needed.
+    few = ctx.real.num_samples < len(reference[0])
+    result: dict[str, Any] = frechet_with_uncertainty(reference, np.asarray(fake), ctx.bootstrap, ctx.seed,
+                                                      ctx.features(extractor, ctx.real) if few else None)
+    result["num_real"] = ctx.real.num_samples
+    warning = rank_warning(min(ctx.real.num_samples, len(fake)), len(reference[0]), what)
+    if warning:
+        result["warning"] = warning
+    return result
+
+
+def _fid(ctx: EvalContext) -> dict[str, Any]:
+    return _frechet(ctx, "inception", "FID") | ctx.extractor("inception").info
+
+
+def _fd_domain(ctx: EvalContext) -> dict[str, Any]:
+    return _frechet(ctx, "domain", "fd_domain") | {"extractor": ctx.extractor("domain").info.get("kind")}
+
+
+def _kid(ctx: EvalContext) -> dict[str, Any]:
+    from ganpipe.metrics.kid import kid
+
+    return kid(ctx.features("inception", ctx.fake), ctx.features("inception", ctx.real), seed=ctx.seed,
+               device=ctx.device)
+
+
+def _pr(ctx: EvalContext) -> dict[str, Any]:
+    from ganpipe.metrics.precision_recall import precision_recall
+
+    return precision_recall(ctx.features("inception", ctx.fake), ctx.features("inception", ctx.real),
+                            device=ctx.device)
+
+
+def _cas(ctx: EvalContext) -> dict[str, Any]:
+    from ganpipe.metrics.cas import cas
+
+    fake, data = ctx.fake, ctx.real.data
+    if not isinstance(fake, GeneratedSamples) or not fake.spec.conditional:
+        raise MetricUnavailable("CAS needs a conditional generator as --fake")
+    if data.kind != "image":
+        raise MetricUnavailable("CAS is implemented for image data")
+    if data.num_classes != fake.spec.num_classes or (fake.spec.classes and tuple(data.classes or ()) !=
+                                                     tuple(fake.spec.classes)):
+        raise MetricUnavailable(f"CAS needs real data labelled with the generator's classes "
+                                f"({', '.join(fake.spec.classes) or fake.spec.num_classes}); the real data has "
+                                f"{', '.join(data.classes or []) or 'no labels'}")
+    return cas(data, fake, seed=ctx.seed)
 
 
 @dataclass(frozen=True)
@@ -65,37 +233,47 @@ class Metric:
     higher_is_better: bool
     compute: Callable[[EvalContext], dict[str, Any]]
     description: str
-
-
-def _fd_domain(ctx: EvalContext) -> dict[str, Any]:
-    from ganpipe.metrics.domain import DomainFeatures
-
-    extractor = DomainFeatures(ctx.real.data)
-    real = ctx.features(extractor, ctx.real)
-    fake = ctx.features(extractor, ctx.fake)
-    result = frechet_with_uncertainty(gaussian_stats(real), fake, ctx.bootstrap, ctx.seed)
-    result["extractor"] = extractor.info.get("kind")
-    if min(len(real), len(fake)) < real.shape[1]:
-        result["warning"] = (f"fewer samples ({min(len(real), len(fake))}) than feature dimensions "
-                             f"({real.shape[1]}): the covariance is rank-deficient")
-    return result
+    extractor: str | None = None  # the features it needs: extracted by every process together
 
 
 METRICS: dict[str, Metric] = {
+    "fid": Metric("fid", False, _fid, "Fréchet Inception Distance (InceptionV3 pool3, standard FID weights)",
+                  "inception"),
+    "kid": Metric("kid", False, _kid, "Kernel Inception Distance (unbiased polynomial-kernel MMD^2)", "inception"),
+    "pr": Metric("pr", True, _pr, "improved precision and recall (k-NN manifolds); value: their F1",
+                 "inception"),
+    "cas": Metric("cas", True, _cas, "Classification Accuracy Score: trained on generated, tested on real"),
     "fd_domain": Metric("fd_domain", False, _fd_domain,
-                        "Fréchet distance on features of a small network trained on this dataset (not FID)"),
+                        "Fréchet distance on features of a small network trained on this dataset (not FID)",
+                        "domain"),
 }
 
 
-def evaluate(ctx: EvalContext, names: list[str]) -> dict[str, dict[str, Any]]:
+def check_metric_names(names: list[str]) -> None:
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise UserError(f"--metrics: unknown metric(s) {', '.join(unknown)} (available: {', '.join(METRICS)})")
+
+
+def evaluate(ctx: EvalContext, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Every requested metric; one that cannot run here reports why and the others still run.
+    Under Accelerate all processes extract features together and only the main one computes
+    (the others return an empty dict)."""
+    check_metric_names(names)
+    rank, world = ctx.rank_and_world
+    if ctx.fake.num_samples < world or ctx.real.num_samples < world:
+        raise UserError(f"--num-samples: at least one sample per process ({world}) is needed")
     results: dict[str, dict[str, Any]] = {}
     for name in names:
+        metric = METRICS[name]
         try:
-            results[name] = METRICS[name].compute(ctx)
+            if metric.extractor and world > 1:
+                ctx.features(metric.extractor, ctx.real)
+                ctx.features(metric.extractor, ctx.fake)
+            if rank == 0:
+                results[name] = metric.compute(ctx)
         except MetricUnavailable as exc:
-            print(f"warning: {name} skipped: {exc}", file=sys.stderr)
+            if rank == 0:
+                print(f"warning: {name} skipped: {exc}", file=sys.stderr)
             results[name] = {"value": None, "uncertainty": None, "error": str(exc)}
-    return results
+    return results if rank == 0 else {}

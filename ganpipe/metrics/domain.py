@@ -10,6 +10,7 @@ fingerprint, deterministically, and cached under $GANPIPE_HOME/cache/fd_domain/.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,39 +62,79 @@ def _to_input(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _train(data: PreparedData, seed: int = 0) -> tuple[Encoder, dict]:
+BATCH = 128
+
+
+def fit(modules: list[nn.Module], batch_loss: Callable[[torch.Tensor], torch.Tensor], num_examples: int,
+        steps: int, seed: int = 0) -> float:
+    """Adam on `batch_loss(indices)` over random batches of example indices; the final loss."""
+    optimizer = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        loss = batch_loss(torch.randint(num_examples, (BATCH,), generator=generator))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def training_steps(num_examples: int) -> int:
+    return int(np.clip(8 * num_examples // BATCH, 250, 2000))
+
+
+class Classifier(nn.Module):
+    """The small CNN: Encoder features -> class logits. fd_domain uses its features, CAS its accuracy."""
+
+    def __init__(self, channels: int, resolution: int, num_classes: int):
+        super().__init__()
+        self.encoder = Encoder(channels, resolution)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(FEATURES, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int,
+                     seed: int = 0) -> tuple[Classifier, float]:
+    """A Classifier trained on uint8 NHWC `images`; deterministic for a seed. Returns it and its last loss."""
     torch.manual_seed(seed)
+    model = Classifier(images.shape[-1], images.shape[1], num_classes)
+    loss = fit([model], lambda idx: nn.functional.cross_entropy(model(_to_input(images[idx])), labels[idx]),
+               len(images), steps, seed)
+    return model.eval(), loss
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    predictions = torch.cat([model(_to_input(images[i:i + 512])).argmax(1) for i in range(0, len(images), 512)])
+    return float((predictions == labels).float().mean())
+
+
+def _train(data: PreparedData, seed: int = 0) -> tuple[Encoder, dict]:
     channels, resolution, _ = data.sample_shape
     images, labels = data.load_all() if data.num_records <= 200_000 else data.gather(
         np.random.default_rng(seed).choice(data.num_records, 200_000, replace=False))
     x_all = torch.from_numpy(np.ascontiguousarray(images))
-    y_all = torch.from_numpy(labels) if labels is not None and data.num_classes > 1 else None
-    encoder = Encoder(channels, resolution)
-    head: nn.Module = nn.Sequential(nn.ReLU(), nn.Linear(FEATURES, data.num_classes)) if y_all is not None \
-        else Decoder(channels, resolution)
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.Adam(params, lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    batch = 128
-    steps = int(np.clip(8 * len(x_all) // batch, 250, 2000))
-    for _ in range(steps):
-        idx = torch.randint(len(x_all), (batch,), generator=generator)
-        x = _to_input(x_all[idx])
-        if y_all is not None:
-            loss = nn.functional.cross_entropy(head(encoder(x)), y_all[idx])
-        else:
+    steps = training_steps(len(x_all))
+    info: dict = {"steps": steps, "channels": channels, "resolution": resolution, "version": VERSION}
+    if labels is not None and data.num_classes > 1:
+        y_all = torch.from_numpy(labels)
+        classifier, loss = train_classifier(x_all, y_all, data.num_classes, steps, seed)
+        encoder = classifier.encoder
+        info |= {"kind": "classifier", "train_accuracy": accuracy(classifier, x_all, y_all)}
+    else:
+        torch.manual_seed(seed)
+        encoder, decoder = Encoder(channels, resolution), Decoder(channels, resolution)
+
+        def reconstruction_loss(idx: torch.Tensor) -> torch.Tensor:
+            x = _to_input(x_all[idx])
             target = nn.functional.avg_pool2d(x, encoder.pool) if encoder.pool > 1 else x
-            loss = nn.functional.mse_loss(head(encoder(x)), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    info = {"kind": "classifier" if y_all is not None else "autoencoder", "steps": steps,
-            "final_loss": float(loss), "channels": channels, "resolution": resolution, "version": VERSION}
-    if y_all is not None:
-        with torch.no_grad():
-            predictions = torch.cat([head(encoder(_to_input(x_all[i:i + 512]))).argmax(1)
-                                     for i in range(0, len(x_all), 512)])
-        info["train_accuracy"] = float((predictions == y_all).float().mean())
+            return nn.functional.mse_loss(decoder(encoder(x)), target)
+
+        loss = fit([encoder, decoder], reconstruction_loss, len(x_all), steps, seed)
+        info["kind"] = "autoencoder"
+    info["final_loss"] = loss
     return encoder.eval(), info
 
 
@@ -117,7 +158,7 @@ def load_or_train(data: PreparedData) -> tuple[Encoder, dict]:
 
 
 class DomainFeatures:
-    """Feature function for fd_domain: batches in user units -> float64 features."""
+    """Feature function for fd_domain: batches in user units -> float32 features."""
 
     def __init__(self, data: PreparedData):
         self.data = data
@@ -132,5 +173,5 @@ class DomainFeatures:
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         if self.encoder is None:
-            return ((batch.float() - self.mean) / self.std).double().numpy()
-        return self.encoder(_to_input(batch)).double().numpy()
+            return ((batch.float() - self.mean) / self.std).numpy()
+        return self.encoder(_to_input(batch)).numpy()

@@ -34,9 +34,11 @@ class RealSamples:
     def cache_key(self) -> str:
         return f"{self.data.fingerprint}-n{self.num_samples}-s{self.seed}"
 
-    def batches(self, batch_size: int = 500) -> Iterator[Batch]:
-        for start in range(0, self.num_samples, batch_size):
-            raw, labels = self.data.gather(self.indices[start:start + batch_size])
+    def batches(self, batch_size: int = 500, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Samples [start, stop) in order; processes of a distributed evaluation each take a range."""
+        stop = self.num_samples if stop is None else stop
+        for first in range(start, stop, batch_size):
+            raw, labels = self.data.gather(self.indices[first:min(first + batch_size, stop)])
             yield torch.from_numpy(np.ascontiguousarray(raw)), \
                 torch.from_numpy(labels) if labels is not None else None
 
@@ -61,11 +63,14 @@ class GeneratedSamples:
         rng = np.random.default_rng(self.seed + 1)
         return rng.choice(k, size=self.num_samples, p=weights / weights.sum()).tolist()
 
-    def batches(self, batch_size: int = 500) -> Iterator[Batch]:
+    def batches(self, batch_size: int = 500, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Samples [start, stop): sample i depends on i alone (its seed and label), never on the range."""
+        stop = self.num_samples if stop is None else stop
         labels = self.labels()
         seeds = list(range(self.seed * 1_000_003, self.seed * 1_000_003 + self.num_samples))
-        for start in range(0, self.num_samples, batch_size):
-            chunk_labels = labels[start:start + batch_size] if labels is not None else None
-            out = generate(self.loaded.generator, self.spec, seeds[start:start + batch_size], chunk_labels,
+        for first in range(start, stop, batch_size):
+            last = min(first + batch_size, stop)
+            chunk_labels = labels[first:last] if labels is not None else None
+            out = generate(self.loaded.generator, self.spec, seeds[first:last], chunk_labels,
                            batch_size=batch_size, device=self.device)
             yield out, torch.tensor(chunk_labels) if chunk_labels is not None else None

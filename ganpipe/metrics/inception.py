@@ -1,0 +1,154 @@
+"""InceptionV3 pool3 features for FID, KID and precision/recall: the field's standard network.
+
+The network is torch-fidelity's `FeatureExtractorInceptionV3` (the TensorFlow FID graph ported
+bit-faithfully, TF1-style bilinear resize to 299x299 included), fed the FID weights
+pt_inception-2015-12-05 (torch-fidelity names the same file weights-inception-2015-12-05-6726825d.pth).
+Images go in as uint8 RGB at their own resolution (greyscale repeated to three channels, as
+PIL's convert("RGB") does for torch-fidelity's image folders); the resize happens on the device,
+in batches.
+
+ganpipe never downloads the weights. They come from, in order: --inception-weights FILE (or
+config eval.inception_weights), $GANPIPE_INCEPTION_WEIGHTS, or the cache a torch-fidelity,
+torchmetrics or pytorch-fid download would have filled ($TORCH_HOME/hub/checkpoints/).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ganpipe import storage
+from ganpipe.errors import UserError
+
+WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+               "weights-inception-2015-12-05-6726825d.pth")
+# torch-fidelity / torchmetrics name, then pytorch-fid's name for the same converted weights.
+WEIGHTS_FILENAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+FEATURES = 2048
+PREPROCESSING = "uint8-rgb-tf1bilinear299"  # part of the cache key: change it when the input path changes
+
+
+class WeightsMissing(RuntimeError):
+    """No weights file anywhere ganpipe looks; the message says how to provide one."""
+
+
+def download_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def missing_weights_message() -> str:
+    return ("needs the InceptionV3 FID weights (pt_inception-2015-12-05-6726825d.pth) and ganpipe never "
+            "downloads: pass --inception-weights FILE, set eval.inception_weights or GANPIPE_INCEPTION_WEIGHTS, "
+            f"or put the file in {download_cache_dir()}/ (get it from {WEIGHTS_URL})")
+
+
+def resolve_weights(explicit: str | None = None) -> Path:
+    """The weights file to use (see the module doc for the order), or WeightsMissing."""
+    for origin, value in (("inception weights", explicit),
+                          ("GANPIPE_INCEPTION_WEIGHTS", os.environ.get("GANPIPE_INCEPTION_WEIGHTS"))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise UserError(f"{origin} {value}: file not found")
+            return path
+    for name in WEIGHTS_FILENAMES:
+        if (download_cache_dir() / name).is_file():
+            return download_cache_dir() / name
+    raise WeightsMissing(missing_weights_message())
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """torch-fidelity reads weights with torch.load(weights_only=False); torch's own switch makes
+    every load in this block refuse anything but tensors, so a weights file is never run as code."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def load_network(weights: Path) -> nn.Module:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        with weights_only_loads():
+            return FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURES)],
+                                               feature_extractor_weights_path=str(weights))
+    except Exception as exc:  # noqa: BLE001 - unpickling and state-dict errors have many types
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"inception weights {weights}: not a pt_inception-2015-12-05 state dict "
+                        f"({first_line[:200]})") from None
+
+
+class InceptionFeatures:
+    """Feature function: uint8 NHWC batches -> float32 (N, 2048) pool3 features."""
+
+    def __init__(self, weights: Path, device: torch.device | str = "cpu", batch_size: int | None = None):
+        self.weights = weights
+        self.sha256 = storage.sha256_file(weights)
+        self.device = torch.device(device)
+        self.network = load_network(weights).to(self.device)
+        self.batch_size = batch_size or (200 if self.device.type == "cuda" else 64)
+        self.id = f"inception-v3-pool3-{self.sha256[:16]}-{PREPROCESSING}"
+        self.info = {"network": "torch-fidelity FeatureExtractorInceptionV3, pool3 (2048-d)",
+                     "weights": str(weights), "weights_sha256": self.sha256}
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        out = []
+        for chunk in batch.split(self.batch_size):
+            x = chunk.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            out.append(self.network(x.contiguous())[0].float().cpu())
+        return torch.cat(out).numpy()
+
+
+# --- a stand-in weights file, for tests and benchmarks on machines without the real one -----------
+
+def write_random_weights(path: Path, seed: int = 0, calibration_images: int = 4) -> Path:
+    """A weights file in the exact layout of the FID weights, with random values that keep features
+    alive through the network's depth: He-normal convolutions, and batch-norm statistics measured
+    on random images so every layer's output is normalised (the default initialisation decays to
+    near-zero features and a meaningless FID of 0). Not a substitute for the real weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Layout(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # noqa: ANN002,ANN003 - build the modules, load nothing
+            return None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = path.with_suffix(".empty.pth")
+    torch.save({}, empty)
+    network = _Layout("inception-v3-compat", [str(FEATURES)], feature_extractor_weights_path=str(empty))
+    empty.unlink()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average: one batch sets the statistics exactly
+            elif isinstance(module, nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / math.sqrt(module.in_features))
+                module.bias.zero_()
+        network.float().train()
+        network((torch.rand(calibration_images, 3, 64, 64, generator=generator) * 255).to(torch.uint8))
+    state = {k: v.contiguous() for k, v in network.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
