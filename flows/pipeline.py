@@ -27,7 +27,8 @@ from ganpipe.errors import StageError, UserError
 
 
 class EvaluationFailed(RuntimeError):
-    """The metric that decides promotion has no value: nothing may be registered."""
+    """Evaluation gave no value for the metric that matters (the promotion metric in the pipeline,
+    any metric in the evaluation flow)."""
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
@@ -74,11 +75,10 @@ class TrainingProgress:
     STEP = re.compile(r"^step (\d+)/(\d+)\b(.*)$")
     KEY_VALUE = re.compile(r"(\w+)=(\S+)")
 
-    def __init__(self, total_steps: int):
+    def __init__(self) -> None:
         self.logger = get_run_logger()
         self.artifact = create_progress_artifact(0.0, key="ganpipe-training-progress",
                                                  description="training: starting")
-        self.total = total_steps
         self.last_update = 0.0
 
     def on_line(self, line: str) -> None:
@@ -112,9 +112,7 @@ def train_task(config_path: str, overrides: list[str] | None) -> dict[str, Any]:
     flow run or hitting its timeout kills the training's whole process tree (ganpipe.launch)."""
     from ganpipe.launch import launch_training
 
-    cfg = _config(config_path, overrides)
-    progress = TrainingProgress(cfg.train.steps)
-    return launch_training(cfg, resume="auto", on_line=progress.on_line)
+    return launch_training(_config(config_path, overrides), resume="auto", on_line=TrainingProgress().on_line)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -203,8 +201,9 @@ def run_stage(name: str, fn: Any, *args: Any) -> Any:
 
 @flow(name="ganpipe-training-pipeline")
 def training_pipeline(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Each stage starts only when the one before it succeeded: a failed evaluation registers
-    nothing, a failed registration exports nothing."""
+    """ingest -> train -> evaluate -> register -> export (when export.num_images > 0) of the config
+    at `config_path` with `overrides` (dotted.key=value). Each stage starts only when the one
+    before it succeeded: a failed evaluation registers nothing."""
     cfg = _config(config_path, overrides)
     check_evaluation(cfg)
     data = run_stage("ingest", ingest_task, config_path, overrides)

@@ -59,7 +59,6 @@ def child_env(cfg: Config) -> dict[str, str]:
     env = dict(os.environ)
     env["GANPIPE_HOME"] = str(storage.ganpipe_home())
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env[LAUNCHER_PID_ENV] = str(os.getpid())
     if cfg.train.cpu:
         env["ACCELERATE_USE_CPU"] = "true"
     from ganpipe import tracking
@@ -75,8 +74,10 @@ def child_env(cfg: Config) -> dict[str, str]:
 
 def run_process_group(cmd: list[str], env: dict[str, str], on_line: LineHandler | None = None,
                       log_file: Path | None = None) -> int:
-    """Run `cmd` in a new session; stream its output; kill the whole group if we are interrupted."""
+    """Run `cmd` in a new session; stream its output; kill the whole group if we are interrupted.
+    The children learn our pid (GANPIPE_LAUNCHER_PID), for `stop_with_launcher`."""
     stream = on_line is not None or log_file is not None
+    env = {**env, LAUNCHER_PID_ENV: str(os.getpid())}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                             stdout=subprocess.PIPE if stream else sys.stderr,
                             stderr=subprocess.STDOUT if stream else sys.stderr, text=stream, bufsize=1)
