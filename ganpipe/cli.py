@@ -205,11 +205,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    cfg = _load(args)  # validate before Prefect starts
+    _load(args)  # bad input is exit 2 before Prefect starts
     from flows.pipeline import training_pipeline
 
     summary = training_pipeline(config_path=str(args.config), overrides=list(args.overrides))
-    del cfg
     _emit(args, summary, pipeline_summary_lines(summary))
 
 
@@ -233,8 +232,16 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
     cfg = _load(args) if args.config else None
     result = deploy(args.config, list(args.overrides), cfg)
-    _emit(args, result, [f"deployed {name}" for name in result["deployments"]] +
-          [f"work pool: {result['work_pool']}"])
+    schedule = result["schedule"]
+    lines = [f"deployed {name}" for name in result["deployments"]]
+    lines.append(f"  schedule:  {schedule['cron']} ({schedule['timezone']}) for the pipeline" if schedule
+                 else "  schedule:  none (runs on demand)")
+    lines.append(f"  work pool: {result['work_pool']} (start a worker: prefect worker start --pool "
+                 f"{result['work_pool']})")
+    if not os.environ.get("PREFECT_API_URL"):
+        lines.append("  PREFECT_API_URL is not set: deployed to the local Prefect database; "
+                     "`prefect server start` serves it")
+    _emit(args, result, lines)
 
 
 # --- parser --------------------------------------------------------------------------------------

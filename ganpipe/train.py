@@ -631,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ganpipe.train RUN_DIR (normally started by `ganpipe train`)", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
+    from ganpipe.launch import stop_with_launcher
+
+    stop_with_launcher()  # a rank must not outlive the process that launched it (even if SIGKILLed)
     cfg = runs.load_run_config(run_dir)
     try:
         train(cfg, run_dir)
