@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ganpipe.errors import StageError, UserError
+from ganpipe.errors import Failure, StageError, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -340,6 +340,11 @@ def run(argv: list[str] | None = None) -> int:
         cause = exc.cause
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(cause, UserError) else 1
+    except Failure as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         if debug:
             traceback.print_exc()

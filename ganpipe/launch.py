@@ -28,7 +28,7 @@ from typing import Any
 from ganpipe import runs, storage
 from ganpipe.config import Config
 from ganpipe.data import IngestResult, ingest, open_prepared
-from ganpipe.errors import UserError
+from ganpipe.errors import Failure, UserError
 
 LineHandler = Callable[[str], None]
 
@@ -36,8 +36,17 @@ LineHandler = Callable[[str], None]
 LAUNCHER_PID_ENV = "GANPIPE_LAUNCHER_PID"
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(Failure):
     pass
+
+
+# Worker processes report their fatal error with this prefix; the launcher turns the last one into
+# the command's single `error:` line (a bare `error:` from a worker would print twice).
+WORKER_ERROR = "worker error: "
+
+
+def report_worker_error(exc: BaseException) -> None:
+    print(f"{WORKER_ERROR}{exc}", file=sys.stderr, flush=True)
 
 
 def accelerate_command(cfg: Config, module: str, args: list[str]) -> list[str]:
@@ -225,7 +234,7 @@ def stop_with_launcher() -> None:
 def _exit_with(pid: int) -> None:
     _wait_for_exit(pid)
     with suppress(OSError):  # nobody may read our output any more
-        print(f"error: the process that launched training (pid {pid}) is gone; stopping", file=sys.stderr,
+        print(f"{WORKER_ERROR}the process that launched training (pid {pid}) is gone; stopping", file=sys.stderr,
               flush=True)
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
@@ -308,8 +317,8 @@ def _last_error(log: Path) -> str | None:
         return None
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     for line in reversed(lines):
-        if line.startswith("error: "):
-            return line.removeprefix("error: ")
+        if WORKER_ERROR in line:
+            return line.split(WORKER_ERROR, 1)[1]
     for line in reversed(lines):
         if "Error" in line or "error" in line:
             return line
