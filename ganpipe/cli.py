@@ -206,6 +206,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     _load(args)  # bad input is exit 2 before Prefect starts
+    # Without PREFECT_API_URL, Prefect starts a temporary local API. Its 20 s start-up limit is too
+    # tight for a busy laptop or CI box; the user's own setting still wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import training_pipeline
 
     summary = training_pipeline(config_path=str(args.config), overrides=list(args.overrides))
