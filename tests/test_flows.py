@@ -34,8 +34,8 @@ from ganpipe.launch import process_running, training_processes
 from tests.conftest import TINY_DIGITS, write_config
 
 # --- reading runs back through the Prefect client ------------------------------------------------
-# Explicit limit/offset/sort on every filter call: prefect 3.8.8's client sends null for them
-# when omitted, which the API (on fastapi 0.154) rejects with 422.
+# Explicit limit/offset/sort on every filter call keep these reads independent of how the API
+# treats unset values (Prefect 3.8 on fastapi >= 0.151 rejects them with 422).
 
 
 def task_runs(client: Any, flow_run_id: UUID) -> dict[str, Any]:
