@@ -10,6 +10,7 @@ name, fsynced, and renamed into place: a directory with a final name is complete
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -61,15 +62,20 @@ def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, networks: dict[str, dict[str, torch.Tensor]],
-                    state: dict[str, Any], info: dict[str, Any], keep: int) -> Path:
-    """Write a checkpoint atomically, point `latest` at it, and prune to the last `keep` (and `best`)."""
+                    state: dict[str, Any], info: dict[str, Any], keep: int, score: float | None = None) -> Path:
+    """Write a checkpoint atomically, point `latest` at it (and `best` when its `score` is the
+    lowest so far), and prune to the last `keep` plus `best`."""
     target = checkpoint_root(run_dir) / f"step-{step:08d}"
     with storage.atomic_directory(target) as tmp:
         for name, weights in networks.items():
             save_file(_contiguous(weights), str(tmp / f"{name}.safetensors"))
         torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "saved_at": time.time(), **info}, indent=2))
+        (tmp / "meta.json").write_text(json.dumps(
+            {"step": step, "saved_at": time.time(), "score": score, **info}, indent=2))
     storage.write_bytes_atomic(str(checkpoint_root(run_dir) / "latest"), target.name.encode())
+    best = best_score(run_dir)
+    if score is not None and math.isfinite(score) and (best is None or score < best):
+        mark_best(run_dir, target)
     prune(run_dir, keep)
     return target
 
@@ -84,6 +90,15 @@ def best_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = checkpoint_root(run_dir) / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def best_score(run_dir: Path) -> float | None:
+    """The score of the `best` checkpoint (lower is better), None when there is none yet."""
+    best = best_checkpoint(run_dir)
+    if best is None:
+        return None
+    score = json.loads((best / "meta.json").read_text()).get("score")
+    return float(score) if score is not None else None
 
 
 def prune(run_dir: Path, keep: int) -> None:

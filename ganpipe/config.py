@@ -89,6 +89,9 @@ class TrainConfig(_Section):
     cpu: bool = Field(False, description="force CPU even when a GPU is present")
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    best_metric: Literal["fd_domain", "none"] = Field(
+        "fd_domain", description="scores each checkpoint's EMA generator; the lowest is kept as `best`")
+    best_num_samples: int = Field(1000, ge=2, description="samples per side for the checkpoint score")
     log_every: int = Field(50, ge=1)
     sample_every: int = Field(500, ge=1)
     compile: bool = False

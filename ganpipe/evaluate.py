@@ -41,7 +41,7 @@ def is_model_ref(src: str) -> bool:
     return src.startswith("models:/") or runs.is_run_dir(storage.local_path(src))
 
 
-def _label_weights(data: PreparedData, loaded: LoadedGenerator) -> np.ndarray | None:
+def label_weights(data: PreparedData, loaded: LoadedGenerator) -> np.ndarray | None:
     """Generate classes in the real data's proportions, so class-aware metrics compare like with like."""
     counts = data.meta.get("class_counts")
     if not loaded.spec.conditional or not counts or len(counts) != loaded.spec.num_classes:
@@ -88,7 +88,7 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
                 raise UserError("--real: evaluating a vector model needs its training data; "
                                 "use the pipeline or `ganpipe evaluate --real RUN_DIR/...`")
             data = _prepare_real(real, shape[1], shape[0], endpoint_url)
-            fake_samples: Any = GeneratedSamples(loaded, num_samples, seed + 1, _label_weights(data, loaded), device)
+            fake_samples: Any = GeneratedSamples(loaded, num_samples, seed + 1, label_weights(data, loaded), device)
         else:
             data = _prepare_real(real, resolution or 64, None, endpoint_url)
             fake_data = _prepare_real(fake, data.sample_shape[1], data.sample_shape[0], endpoint_url)
@@ -109,7 +109,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
     device = default_device()
     loaded = load_generator(str(run_dir), device)
-    fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, _label_weights(data, loaded), device)
+    fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, label_weights(data, loaded), device)
     ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
                       inception_weights=e.inception_weights)
     results = evaluate(ctx, e.metrics)

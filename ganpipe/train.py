@@ -352,7 +352,28 @@ class Trainer:
             raise Diverged(f"training diverged at step {bad}: non-finite loss or weights; last good checkpoint: "
                            f"{last if last else 'none'}")
 
-    def save(self, info: dict[str, Any]) -> Path | None:
+    def checkpoint_score(self) -> float | None:
+        """fd_domain of the EMA generator (lower is better), which picks the `best` checkpoint.
+
+        The main process scores on fixed seeds; the forked RNG keeps training bit-identical to a
+        run that scores nothing (the feature network's first training seeds the global RNG)."""
+        t = self.cfg.train
+        if t.best_metric == "none" or not self.accelerator.is_main_process:
+            return None
+        from ganpipe.evaluate import label_weights
+        from ganpipe.metrics import EvalContext, evaluate
+        from ganpipe.metrics.samples import GeneratedSamples, RealSamples
+        from ganpipe.registry import LoadedGenerator
+
+        loaded = LoadedGenerator(self.nets.ema, self.spec, {})
+        fake = GeneratedSamples(loaded, t.best_num_samples, self.cfg.seed + 1,
+                                label_weights(self.data, loaded), self.device)
+        ctx = EvalContext(RealSamples(self.data, t.best_num_samples, self.cfg.seed), fake, bootstrap=0,
+                          seed=self.cfg.seed)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return evaluate(ctx, [t.best_metric])[t.best_metric]["value"]
+
+    def save(self, info: dict[str, Any], score: float | None = None) -> Path | None:
         acc = self.accelerator
         noise_states = acc.gather(self.noise.get_state().to(self.device)[None]).cpu()
         if not acc.is_main_process:
@@ -368,7 +389,7 @@ class Trainer:
         networks = {"G": self.nets.g_raw.state_dict(), "D": self.nets.d_raw.state_dict(),
                     "G_ema": self.nets.ema.state_dict()}
         return checkpoint.save_checkpoint(self.run_dir, self.step, networks, state, info,
-                                          self.cfg.train.keep_checkpoints)
+                                          self.cfg.train.keep_checkpoints, score)
 
     def preview(self) -> Path | None:
         """EMA samples on fixed seeds: an image grid, or for vectors a scatter over real data."""
@@ -590,7 +611,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                     logger.artifact(grid, "samples")
             if step % t.checkpoint_every == 0 or step == t.steps:
                 trainer.check_finite(weights=True)
-                saved = trainer.save({"metrics": metrics or {}})
+                score = trainer.checkpoint_score()
+                if score is not None:
+                    logger.metrics({f"checkpoint_{t.best_metric}": score}, step)
+                saved = trainer.save({"metrics": metrics or {}}, score)
                 last_checkpoint = saved or last_checkpoint
                 acc.wait_for_everyone()
         trainer.write_generator()
@@ -616,6 +640,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "data_fingerprint": trainer.data.fingerprint, "num_processes": acc.num_processes,
         "d_updates": trainer.d_updates, "g_updates": trainer.g_updates,
         "rank_generator_checksums": rank_checksums,
+        "best_checkpoint": str(checkpoint.best_checkpoint(run_dir) or ""),
+        "best_score": checkpoint.best_score(run_dir) if main else None,
     }
     if main:
         storage.write_json_atomic(str(run_dir / "result.json"), result)

@@ -77,6 +77,7 @@ train:
   checkpoint_every: 10
   sample_every: 10
   log_every: 10
+  best_metric: none  # scoring checkpoints costs ~10 s per run; test_training covers it
 eval:
   metrics: [fd_domain]
   num_samples: 200

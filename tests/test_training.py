@@ -96,6 +96,17 @@ def test_checkpoints_keep_last_k_and_best(tmp_path: Path) -> None:
     assert (checkpoint.checkpoint_root(tmp_path) / "latest").read_text() == "step-00000005"
 
 
+def test_best_checkpoint_is_the_lowest_score_and_survives_pruning(tmp_path: Path) -> None:
+    for step, score in [(1, 5.0), (2, 3.0), (3, 4.0), (4, float("nan")), (5, 3.5), (6, None)]:
+        checkpoint.save_checkpoint(tmp_path, step, _networks(step), {"step": step}, {}, keep=2, score=score)
+    assert checkpoint.best_checkpoint(tmp_path).name == "step-00000002"
+    assert checkpoint.best_score(tmp_path) == 3.0
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000002", "step-00000005", "step-00000006"]
+    checkpoint.save_checkpoint(tmp_path, 7, _networks(7), {"step": 7}, {}, keep=2, score=1.0)
+    assert checkpoint.best_checkpoint(tmp_path).name == "step-00000007"
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000006", "step-00000007"]
+
+
 def test_checkpoint_state_refuses_pickled_objects(tmp_path: Path) -> None:
     """state.pt loads with weights_only=True: a pickle that would run code is refused."""
     checkpoint.save_checkpoint(tmp_path, 1, _networks(1.0), {"step": 1}, {}, keep=1)
@@ -134,7 +145,8 @@ def test_bad_model_data_combinations_are_user_errors(tmp_path: Path) -> None:
 
 # --- whole runs (subprocesses, as users run them) -------------------------------------------------
 
-RESUME_CONFIG = TINY_DIGITS.replace("steps: 20", "steps: 60").replace("checkpoint_every: 10", "checkpoint_every: 10")
+# Checkpoints are scored (fd_domain picks `best`): scoring must not disturb training's RNG streams.
+RESUME_CONFIG = TINY_DIGITS.replace("steps: 20", "steps: 60").replace("best_metric: none", "best_metric: fd_domain")
 
 
 def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -184,6 +196,13 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"not bitwise identical after resume: {different[:5]}"
+    # `best` is the lowest-scoring checkpoint, the same one with or without the kill.
+    scores = {p.name: json.loads((p / "meta.json").read_text())["score"]
+              for p in checkpoint.list_checkpoints(Path(result_a["run_dir"]))}
+    assert all(np.isfinite(s) for s in scores.values())
+    assert Path(result_a["best_checkpoint"]).name == Path(result_b["best_checkpoint"]).name
+    assert result_a["best_score"] == pytest.approx(result_b["best_score"], rel=1e-9)
+    assert result_a["best_score"] <= min(scores.values())
 
     # Observability: losses, D outputs, grad norms and throughput reached MLflow; sample grids were saved.
     import mlflow
