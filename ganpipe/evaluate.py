@@ -97,7 +97,8 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
                       inception_weights=inception_weights, accelerator=accelerator)
     results = evaluate(ctx, metrics)
     if ctx.is_main and loaded is not None and loaded.source.get("run_dir") and not fake.startswith("models:/"):
-        record_evaluation(Path(loaded.source["run_dir"]), results, num_samples, loaded.source["generator_sha256"])
+        record_evaluation(Path(loaded.source["run_dir"]), results, num_samples, loaded.source["generator_sha256"],
+                          data.fingerprint)
     return results
 
 
@@ -113,17 +114,20 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
                       inception_weights=e.inception_weights)
     results = evaluate(ctx, e.metrics)
-    return record_evaluation(run_dir, results, e.num_samples, loaded.source["generator_sha256"])
+    return record_evaluation(run_dir, results, e.num_samples, loaded.source["generator_sha256"], data.fingerprint)
 
 
 def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,
-                      generator_sha256: str | None = None) -> dict[str, Any]:
+                      generator_sha256: str | None = None, reference_fingerprint: str | None = None
+                      ) -> dict[str, Any]:
     """Write evaluation.json into the run (registration reads it) and log to its MLflow run.
-    `generator_sha256` names the weights evaluated: registration ignores an evaluation of others."""
+    `generator_sha256` names the weights evaluated: registration ignores an evaluation of others.
+    `reference_fingerprint` names the real data measured against: registration compares a
+    version with the champion only when both were measured against the same data."""
     failed = [name for name, r in results.items() if r.get("value") is None]
     evaluation = {"status": "failed" if len(failed) == len(results) else "ok", "metrics": results,
                   "failed": failed, "num_samples": num_samples, "evaluated_at": time.time(),
-                  "generator_sha256": generator_sha256}
+                  "generator_sha256": generator_sha256, "reference_fingerprint": reference_fingerprint}
     storage.write_json_atomic(str(run_dir / "evaluation.json"), evaluation)
     from ganpipe import tracking
 

@@ -34,6 +34,7 @@ from ganpipe.models import GENERATORS, NetworkSpec, build_generator, generate
 MODEL_ARTIFACT = "generator"
 CHAMPION, CHALLENGER = "champion", "challenger"
 SHA_TAG = "ganpipe.generator_sha256"
+REFERENCE_TAG = "ganpipe.eval_reference_fingerprint"  # the real data the metrics were measured against
 # MLflow allows more, but a name must survive models:/NAME@ALIAS parsing and search filters.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -224,6 +225,11 @@ def _decide(client: Any, name: str, version: Any, evaluation: dict[str, Any], ta
     if champion is not None and str(champion.version) == str(version.version):
         return Decision(CHAMPION, "this version is already the champion")
     champion_metric = _metric_from_tags(champion.tags or {}, primary) if champion else None
+    ours, theirs = tags.get(REFERENCE_TAG), (champion.tags or {}).get(REFERENCE_TAG) if champion else None
+    if champion_metric is not None and ours and theirs and ours != theirs:
+        # fd_domain and FID are distances to a reference set: against different data they do not compare.
+        return Decision(CHALLENGER, f"{primary} was measured against other data (reference {ours}) than "
+                                    f"champion v{champion.version}'s ({theirs}): not comparable, challenger")
     return decide_alias(primary, _metric_from_tags(tags, primary), champion_metric, margin, higher_is_better)
 
 
@@ -296,6 +302,9 @@ def _lineage_tags(run_dir: Path, info: dict[str, Any], cfg: Any, generator_dir: 
             tags[f"ganpipe.metric.{metric}.uncertainty"] = repr(float(result.get("uncertainty") or 0.0))
     if evaluation.get("num_samples"):
         tags["ganpipe.eval_num_samples"] = str(evaluation["num_samples"])
+    if evaluation.get("metrics"):
+        # Older evaluations did not record their reference: they were made on the training data.
+        tags[REFERENCE_TAG] = evaluation.get("reference_fingerprint") or tags["ganpipe.data_fingerprint"]
     return tags
 
 

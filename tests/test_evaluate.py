@@ -203,6 +203,7 @@ def test_pipeline_evaluation_reports_cas_beside_real_accuracy(tiny_conditional_r
     cfg.eval.num_samples = 300
     evaluation = evaluate_run(run_dir, cfg)
     assert json.loads((run_dir / "evaluation.json").read_text())["metrics"] == evaluation["metrics"]
+    assert evaluation["reference_fingerprint"] == runs.read_info(run_dir)["data"]["fingerprint"]
     assert evaluation["status"] == "ok" and evaluation["failed"] == ["fid"]
     assert "--inception-weights" in evaluation["metrics"]["fid"]["error"]
     cas = evaluation["metrics"]["cas"]

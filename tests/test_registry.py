@@ -28,12 +28,14 @@ from tests.conftest import last_json, run_cli
 
 
 def copy_run(run_dir: Path, dest: Path, perturb: int | None = None, fd: float | None = None,
-             uncertainty: float = 0.5, status: str = "ok", config: dict[str, Any] | None = None) -> Path:
+             uncertainty: float = 0.5, status: str = "ok", config: dict[str, Any] | None = None,
+             reference: str | None = None) -> Path:
     """A copy of a trained run's identity and generator (the fixtures are shared and read-only).
     `perturb` adds seeded noise to the weights: another generator, as a later run would produce.
     `fd` (or a `status` other than ok) writes evaluation.json (fd_domain = fd ± uncertainty)
     describing exactly these weights; without either the run has no evaluation.
-    `config` overrides keys of config.yaml, e.g. {"register": {"margin": 1.0}}."""
+    `config` overrides keys of config.yaml, e.g. {"register": {"margin": 1.0}}. `reference` is the
+    fingerprint of the real data the evaluation measured against (default: not recorded)."""
     dest.mkdir(parents=True)
     for name in ("run.json", "config.yaml"):
         shutil.copyfile(run_dir / name, dest / name)
@@ -50,14 +52,15 @@ def copy_run(run_dir: Path, dest: Path, perturb: int | None = None, fd: float | 
             raw[section].update(values)
         (dest / "config.yaml").write_text(yaml.safe_dump(raw))
     if fd is not None or status != "ok":
-        write_evaluation(dest, fd, uncertainty, status)
+        write_evaluation(dest, fd, uncertainty, status, reference)
     return dest
 
 
-def write_evaluation(run_dir: Path, fd: float | None, uncertainty: float = 0.5, status: str = "ok") -> None:
+def write_evaluation(run_dir: Path, fd: float | None, uncertainty: float = 0.5, status: str = "ok",
+                     reference: str | None = None) -> None:
     result = {"value": fd, "uncertainty": uncertainty} if fd is not None else {"value": None, "error": "boom"}
     evaluation = {"status": status, "metrics": {"fd_domain": result}, "failed": [] if fd is not None else ["fd_domain"],
-                  "num_samples": 200,
+                  "num_samples": 200, "reference_fingerprint": reference,
                   "generator_sha256": storage.sha256_file(run_dir / "generator" / "generator.safetensors")}
     (run_dir / "evaluation.json").write_text(json.dumps(evaluation))
 
@@ -254,6 +257,16 @@ def test_promotion_by_quality(tiny_run: Path, tmp_path: Path) -> None:
     fixed = register_run(tmp_path / "run6")
     assert fixed["version"] == 6 and fixed["aliases"] == ["champion"]
     assert aliases_of("tiny-digits")["champion"] == 6
+
+    # Measured against other data (`ganpipe evaluate --real OTHER --fake RUN`): however low, not comparable.
+    other = register_run(copy_run(tiny_run, tmp_path / "run9", perturb=9, fd=0.01, reference="other-data"))
+    assert other["aliases"] == ["challenger"] and "not comparable" in other["decision"]
+    assert aliases_of("tiny-digits") == {"champion": 6, "challenger": 9}
+    # The same reference as the champion's (its training data) compares as usual.
+    fingerprint = json.loads((tiny_run / "run.json").read_text())["data"]["fingerprint"]
+    same = register_run(copy_run(tiny_run, tmp_path / "run10", perturb=10, fd=0.01, uncertainty=0.01,
+                                 reference=fingerprint))
+    assert same["aliases"] == ["champion"], same["decision"]
 
 
 def test_register_rejects_bad_input(tiny_run: Path, tmp_path: Path) -> None:
