@@ -159,6 +159,27 @@ def test_deploy_creates_the_deployments_and_the_process_pool(stack: Stack, deplo
     assert client.read_work_pool(bare["work_pool"]).type == "process" and bare["work_pool"] == "ganpipe-gpu"
 
 
+def test_prefect_deploy_all_reads_prefect_yaml(stack: Stack, client: Any) -> None:
+    """`prefect deploy --all` from the repo root, as the README says: prefect.yaml's two demo deployments."""
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    subprocess.run([*prefect, "work-pool", "create", "ganpipe-gpu", "--type", "process"], env=stack.env,
+                   cwd=ROOT, capture_output=True, timeout=120, check=False)  # already there when deploy(None) ran
+    result = subprocess.run([*prefect, "deploy", "--all"], env=stack.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    pipeline = client.read_deployment_by_name("ganpipe-training-pipeline/digits-dcgan")
+    export = client.read_deployment_by_name("ganpipe-export/digits-dcgan")
+    try:
+        for deployment in (pipeline, export):
+            assert deployment.parameters == {"config_path": "configs/digits-dcgan.yaml", "overrides": []}
+            assert deployment.work_pool_name == "ganpipe-gpu"
+        assert [(s.schedule.cron, s.schedule.timezone) for s in pipeline.schedules] == [("0 3 * * *", "UTC")]
+        assert export.schedules == []
+    finally:  # their nightly schedule must not create runs for the rest of this module
+        for deployment in (pipeline, export):
+            client.delete_deployment(deployment.id)
+
+
 def test_triggered_pipeline_completes_with_artifacts(stack: Stack, worker: None, client: Any) -> None:
     """Triggered as the README does; the artifacts read back agree with the MLflow registry."""
     import mlflow
