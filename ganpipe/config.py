@@ -72,6 +72,8 @@ class TrainConfig(_Section):
     g_lr: float = Field(2e-4, gt=0)
     d_lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
+    lr_decay: Literal["none", "linear"] = Field("none", description="linear: decay both rates to 0 by the last step")
+    lr_decay_start: float = Field(0.5, ge=0, lt=1, description="fraction of train.steps where the decay starts")
     d_steps: int = Field(1, ge=1, description="k: discriminator updates per generator update")
     schedule: Literal["fixed", "adaptive"] = "fixed"
     adaptive_d_threshold: float = Field(0.3, description="adaptive: train D until its loss is below this")

@@ -29,8 +29,9 @@ BOOKKEEPING = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sa
 
 def run_identity(cfg: Config) -> str:
     raw = cfg.to_dict()
+    bookkeeping = BOOKKEEPING - ({"steps"} if cfg.train.lr_decay != "none" else set())  # decay follows steps
     identity = {"seed": raw["seed"], "data": raw["data"], "model": raw["model"],
-                "train": {k: v for k, v in raw["train"].items() if k not in BOOKKEEPING}}
+                "train": {k: v for k, v in raw["train"].items() if k not in bookkeeping}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 

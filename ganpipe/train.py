@@ -144,7 +144,7 @@ class Trainer:
         self.sampler = BatchSampler(self.data.num_records, t.batch_size, cfg.seed, acc.process_index,
                                     acc.num_processes)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + acc.process_index)
-        self.step, self.g_updates, self.phase, self.phase_updates = 0, 0, "d", 0
+        self.step, self.d_updates, self.g_updates, self.phase, self.phase_updates = 0, 0, 0, "d", 0
         self.resumed_from = self._resume(g_raw, d_raw, ema, opt_g, opt_d)
 
         compiled_g = torch.compile(g_raw) if t.compile else g_raw
@@ -174,6 +174,7 @@ class Trainer:
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         self.step, self.g_updates = int(state["step"]), int(state["g_updates"])
+        self.d_updates = int(state["d_updates"])
         self.phase, self.phase_updates = str(state["phase"]), int(state["phase_updates"])
         self.sampler.load_state_dict(state["sampler"])
         noise_states = state["noise"]
@@ -198,22 +199,24 @@ class Trainer:
     def latents(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.spec.latent_dim, generator=self.noise).to(self.device, non_blocking=True)
 
-    def _micro_batches(self, x: torch.Tensor, y: torch.Tensor | None):
+    def _micro_batches(self, *tensors: torch.Tensor | None) -> list[tuple]:
+        """Split each tensor into train.grad_accum micro-batches (None stays None)."""
         accum = self.cfg.train.grad_accum
-        xs = x.chunk(accum)
-        ys = y.chunk(accum) if y is not None else [None] * accum
-        return list(zip(xs, ys, strict=True))
+        parts = [t.chunk(accum) if t is not None else [None] * accum for t in tensors]
+        return list(zip(*parts, strict=True))
 
     # --- the two updates --------------------------------------------------------------------
     def discriminator_update(self) -> dict[str, torch.Tensor]:
         t, nets, acc = self.cfg.train, self.nets, self.accelerator
         real_all, labels_all = self.real_batch()
+        # Draw the whole batch's noise at once: accumulation then sees exactly the full batch.
+        z_all = self.latents(real_all.shape[0])
         nets.D.requires_grad_(True)
         stats: dict[str, torch.Tensor] = {}
-        micro = self._micro_batches(real_all, labels_all)
-        for i, (real, labels) in enumerate(micro):
+        micro = self._micro_batches(real_all, labels_all, z_all)
+        for i, (real, labels, z) in enumerate(micro):
             with torch.no_grad():
-                fake = nets.G(self.latents(real.shape[0]), labels)
+                fake = nets.G(z, labels)
             sync = acc.no_sync(nets.D) if i < len(micro) - 1 else nullcontext()
             with sync:
                 if t.r1_gamma:
@@ -236,21 +239,25 @@ class Trainer:
         stats["d_grad_norm"] = _grad_norm(nets.d_raw)
         nets.opt_d.step()
         nets.opt_d.zero_grad(set_to_none=True)
+        self.average_buffers(nets.d_raw)
+        self.d_updates += 1
         return stats
 
     def generator_update(self) -> dict[str, torch.Tensor]:
         nets, acc = self.nets, self.accelerator
         accum = self.cfg.train.grad_accum
-        n = self.cfg.train.batch_size // acc.num_processes // accum
+        n = self.cfg.train.batch_size // acc.num_processes
+        z_all = self.latents(n)
+        labels_all = None
+        if self.spec.conditional:  # classes drawn uniformly, so every class gets trained
+            labels_all = torch.randint(self.spec.num_classes, (n,), generator=self.noise).to(self.device)
         nets.D.requires_grad_(False)  # frozen: no gradients for D, and no gradient sync for it
         stats: dict[str, torch.Tensor] = {}
-        for i in range(accum):
-            labels = None
-            if self.spec.conditional:  # classes drawn uniformly, so every class gets trained
-                labels = torch.randint(self.spec.num_classes, (n,), generator=self.noise).to(self.device)
+        micro = self._micro_batches(z_all, labels_all)
+        for i, (z, labels) in enumerate(micro):
             sync = acc.no_sync(nets.G) if i < accum - 1 else nullcontext()
             with sync, acc.no_sync(nets.D):
-                fake = nets.G(self.latents(n), labels)
+                fake = nets.G(z, labels)
                 loss = self.g_loss_fn(nets.D(fake, labels).float())
                 acc.backward(loss / accum)
             _add(stats, "g_loss", loss, accum)
@@ -258,24 +265,48 @@ class Trainer:
         nets.opt_g.step()
         nets.opt_g.zero_grad(set_to_none=True)
         nets.D.requires_grad_(True)
+        self.average_buffers(nets.g_raw)
         self.g_updates += 1
         self.update_ema()
         return stats
 
-    @torch.no_grad()
+    def average_buffers(self, module: nn.Module) -> None:
+        """Batch-norm statistics are updated from each rank's own batch, and DDP would only copy
+        rank 0's at the next forward. Averaging them after each update gives every rank (and the
+        EMA copy) statistics of the whole global batch. One all-reduce of a flat tensor."""
+        if self.accelerator.num_processes == 1:
+            return
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = self.accelerator.reduce(torch.cat([b.reshape(-1) for b in buffers]), "mean")
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
     def update_ema(self) -> None:
         # Ramp the decay up from 0 so short runs do not export their random initialisation.
         decay = min(self.cfg.train.ema_decay, (1 + self.g_updates) / (10 + self.g_updates))
-        ema_params = list(self.nets.ema.parameters())
-        params = [p.detach() for p in self.nets.g_raw.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for ema_buffer, buffer in zip(self.nets.ema.buffers(), self.nets.g_raw.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
+        update_ema(self.nets.ema, self.nets.g_raw, decay)
+
+    def set_learning_rates(self) -> None:
+        """Linear decay to 0 from train.lr_decay_start * steps: a function of the step alone,
+        so a resumed run follows the same schedule."""
+        t = self.cfg.train
+        factor = 1.0
+        if t.lr_decay == "linear":
+            start = t.lr_decay_start * t.steps
+            factor = 1.0 - max(0.0, self.step - start) / max(t.steps - start, 1.0)
+        for optimizer, base in ((self.nets.opt_g, t.g_lr), (self.nets.opt_d, t.d_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor
 
     def iteration(self) -> dict[str, torch.Tensor]:
         """One training step: k D updates then one G update, or one update of the side the
         adaptive schedule is on."""
         t = self.cfg.train
+        self.set_learning_rates()
         stats: dict[str, torch.Tensor] = {}
         if t.schedule == "fixed":
             for _ in range(t.d_steps):
@@ -306,11 +337,19 @@ class Trainer:
         return stats
 
     # --- saving ------------------------------------------------------------------------------
-    def check_finite(self) -> None:
-        bad = int(self.accelerator.reduce(self.first_bad_step.clone(), "max").item())
+    def check_finite(self, weights: bool = False) -> None:
+        """Stop on a non-finite loss since the last check (naming its step); with `weights`,
+        also on non-finite weights, so no checkpoint ever holds them."""
+        bad = self.accelerator.reduce(self.first_bad_step.clone(), "max")
+        if weights:
+            tensors = [t.detach() for m in (self.nets.g_raw, self.nets.d_raw, self.nets.ema)
+                       for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+            finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+            bad = torch.where(~finite & (bad < 0), torch.tensor(self.step, device=self.device), bad)
+        bad = int(bad.item())
         if bad >= 0:
             last = checkpoint.latest_checkpoint(self.run_dir)
-            raise Diverged(f"training diverged at step {bad}: non-finite loss; last good checkpoint: "
+            raise Diverged(f"training diverged at step {bad}: non-finite loss or weights; last good checkpoint: "
                            f"{last if last else 'none'}")
 
     def save(self, info: dict[str, Any]) -> Path | None:
@@ -319,7 +358,7 @@ class Trainer:
         if not acc.is_main_process:
             return None
         state = {
-            "step": self.step, "g_updates": self.g_updates, "phase": self.phase,
+            "step": self.step, "d_updates": self.d_updates, "g_updates": self.g_updates, "phase": self.phase,
             "phase_updates": self.phase_updates, "sampler": self.sampler.state_dict(),
             "opt_g": self.nets.opt_g.state_dict(), "opt_d": self.nets.opt_d.state_dict(),
             "noise": noise_states, "torch_rng": torch.get_rng_state(),
@@ -332,13 +371,18 @@ class Trainer:
                                           self.cfg.train.keep_checkpoints)
 
     def preview(self) -> Path | None:
-        """A grid of EMA samples on fixed seeds (images only)."""
-        if not self.accelerator.is_main_process or not self.spec.is_image:
+        """EMA samples on fixed seeds: an image grid, or for vectors a scatter over real data."""
+        if not self.accelerator.is_main_process:
             return None
-        labels = [i % self.spec.num_classes for i in self.preview_seeds] if self.spec.conditional else None
-        images = generate(self.nets.ema, self.spec, self.preview_seeds, labels, device=self.device)
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
-        save_grid(images, path)
+        seeds = self.preview_seeds if self.spec.is_image else list(range(1000))
+        labels = [i % self.spec.num_classes for i in seeds] if self.spec.conditional else None
+        samples = generate(self.nets.ema, self.spec, seeds, labels, device=self.device)
+        if self.spec.is_image:
+            save_grid(samples, path)
+        else:
+            real, _ = self.data.gather(np.arange(min(1000, self.data.num_records)))
+            save_scatter(samples.numpy(), real, path)
         return path
 
     def write_generator(self) -> None:
@@ -353,6 +397,14 @@ class Trainer:
             (tmp / "info.json").write_text(json.dumps({
                 "step": self.step, "data_fingerprint": self.data.fingerprint,
                 "config_hash": self.cfg.hash()}, indent=2))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BN statistics) copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers(), strict=True):
+        ema_buffer.copy_(buffer)
 
 
 def _add(stats: dict[str, torch.Tensor], key: str, value: torch.Tensor, parts: int) -> None:
@@ -374,8 +426,36 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
 
     grid = make_grid(images.permute(0, 3, 1, 2), nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
     array = grid.permute(1, 2, 0).numpy()
+    if images.shape[3] == 1:  # make_grid repeats a single channel to RGB; keep greyscale greyscale
+        array = array[:, :, 0]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+    Image.fromarray(array).save(path)
+
+
+def save_scatter(samples: np.ndarray, real: np.ndarray, path: Path, size: int = 400) -> None:
+    """Generated points (black) over real ones (light blue), first two columns, to one PNG."""
+    from PIL import Image, ImageDraw
+
+    both = np.concatenate([samples[:, :2], real[:, :2]]) if samples.shape[1] > 1 else None
+    if both is None:  # one column: plot it against the sample index
+        samples = np.stack([np.arange(len(samples)), samples[:, 0]], axis=1)
+        real = np.stack([np.arange(len(real)), real[:, 0]], axis=1)
+        both = np.concatenate([samples, real])
+    low, high = np.nanpercentile(both, 0.5, axis=0), np.nanpercentile(both, 99.5, axis=0)
+    span = np.where(high > low, high - low, 1.0) * 1.1
+    centre = (high + low) / 2
+
+    def pixels(points: np.ndarray) -> np.ndarray:
+        scaled = (points[:, :2] - centre) / span + 0.5
+        return np.stack([scaled[:, 0] * size, (1 - scaled[:, 1]) * size], axis=1)
+
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for colour, points in (((150, 190, 255), real), ((0, 0, 0), samples)):
+        for x, y in pixels(points):
+            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
 
 
 class Progress:
@@ -495,6 +575,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 elapsed = time.time() - window_start
                 images = (step - window_step) * t.batch_size * (t.d_steps if t.schedule == "fixed" else 1)
                 metrics["images_per_sec"] = images / elapsed if elapsed > 0 else 0.0
+                metrics["g_lr"] = trainer.nets.opt_g.param_groups[0]["lr"]
+                metrics["d_lr"] = trainer.nets.opt_d.param_groups[0]["lr"]
                 window_start, window_step = time.time(), step
                 logger.metrics(metrics, step)
             progress.update(step, metrics)
@@ -503,7 +585,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 if grid is not None:
                     logger.artifact(grid, "samples")
             if step % t.checkpoint_every == 0 or step == t.steps:
-                trainer.check_finite()
+                trainer.check_finite(weights=True)
                 saved = trainer.save({"metrics": metrics or {}})
                 last_checkpoint = saved or last_checkpoint
                 acc.wait_for_everyone()
@@ -519,7 +601,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     finally:
         progress.close()
     # Every rank reports a checksum of its generator: equal values prove the ranks stayed in step.
-    checksum = torch.tensor([float(sum(p.detach().double().sum() for p in trainer.nets.g_raw.parameters()))],
+    g_tensors = [*trainer.nets.g_raw.parameters(), *trainer.nets.g_raw.buffers()]
+    checksum = torch.tensor([float(sum(t.detach().double().sum() for t in g_tensors))],
                             dtype=torch.float64, device=trainer.device)
     rank_checksums = acc.gather(checksum).cpu().tolist()
     result = {
@@ -527,6 +610,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "checkpoint": str(checkpoint.latest_checkpoint(run_dir) or last_checkpoint or ""),
         "mlflow_run_id": logger.run_id, "resumed_from_step": trainer.resumed_from,
         "data_fingerprint": trainer.data.fingerprint, "num_processes": acc.num_processes,
+        "d_updates": trainer.d_updates, "g_updates": trainer.g_updates,
         "rank_generator_checksums": rank_checksums,
     }
     if main:

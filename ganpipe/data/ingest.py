@@ -218,10 +218,11 @@ class Preparer:
                 raise self._fail(f"data.label_column {self.cfg.label_column!r} not found "
                                  f"(columns: {', '.join(columns)})")
             return self.cfg.label_column
+        features = set(self.cfg.columns or [])  # a vector's own columns are never its label
         for name, feature in columns.items():
-            if isinstance(feature, datasets.ClassLabel):
+            if isinstance(feature, datasets.ClassLabel) and name not in features:
                 return name
-        return next((name for name in LABEL_NAMES if name in columns), None)
+        return next((name for name in LABEL_NAMES if name in columns and name not in features), None)
 
     def _records(self, columns: list[str]) -> Iterator[tuple[int, dict[str, list]]]:
         """(first row id, batch) over the source, honouring data.max_records."""

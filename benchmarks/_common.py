@@ -1,0 +1,23 @@
+"""Shared by the benchmark scripts: run ganpipe as a user would, and time things."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ganpipe(*args: str, home: Path, check: bool = True) -> dict[str, Any]:
+    """`ganpipe ARGS --json` in a subprocess with GANPIPE_HOME=home; returns the JSON result."""
+    env = {**os.environ, "GANPIPE_HOME": str(home), "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ganpipe.cli", *args, "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"ganpipe {' '.join(args)} failed with exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
