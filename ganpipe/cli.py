@@ -190,18 +190,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from ganpipe.export import export
+    from ganpipe.quality_gates import GateSettings
 
     counts = None
     if args.class_counts:
         try:
             counts = {str(k): int(v) for k, v in json.loads(args.class_counts).items()}
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):
             raise UserError("--class-counts: expected a JSON object like '{\"0\": 100, \"1\": 50}'") from None
+    gates = GateSettings(drop_lowest_d=args.drop_lowest_d, memorisation=args.memorisation_check,
+                         near_copy_ratio=args.near_copy_ratio)
     result = export(args.model, args.num_images, args.out, fmt=args.format, shard_size=args.shard_size,
                     class_balance=args.class_balance, class_counts=counts, seed=args.seed,
-                    num_processes=args.num_processes)
-    _emit(args, result, [f"exported {result['num_images']} rows in {result['num_shards']} shard(s) to "
-                         f"{result['out']}", f"manifest: {result['manifest']}"])
+                    num_processes=args.num_processes, gates=gates)
+    summary = [f"exported {result['num_images']} rows in {result['num_shards']} shard(s) to {result['out']} "
+               f"({result['shards_written']} shard(s) written now)", f"manifest: {result['manifest']}"]
+    if gates.enabled:
+        summary.append(f"quality gates dropped {result['num_dropped']} row(s); see {result['out']}/gated_rows.jsonl")
+    _emit(args, result, summary)
+
+
+def cmd_augment(args: argparse.Namespace) -> None:
+    from ganpipe.augment import augment
+
+    result = augment(args.real, args.synthetic, args.ratio, args.out, shard_size=args.shard_size, seed=args.seed)
+    _emit(args, result, [f"wrote {result['num_images']} rows ({result['num_real']} real, {result['num_synthetic']} "
+                         f"synthetic) in {result['num_shards']} shard(s) to {result['out']}",
+                         f"manifest: {result['manifest']}"])
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -312,9 +327,27 @@ def build_parser() -> Parser:
     p.add_argument("--class-balance", action="store_true", help="equal rows per class (conditional models)")
     p.add_argument("--class-counts", help="explicit rows per class as JSON, e.g. '{\"0\": 500, \"1\": 500}'")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="generating processes, started with accelerate launch (one per GPU, or CPU processes)")
+    p.add_argument("--drop-lowest-d", type=float, default=0.0, metavar="FRACTION",
+                   help="quality gate: drop about this fraction of rows, those the run's discriminator scores lowest")
+    p.add_argument("--memorisation-check", choices=["off", "report", "drop"], default="off",
+                   help="quality gate: find rows that nearly copy a training example; list them, or drop them too")
+    p.add_argument("--near-copy-ratio", type=float, default=0.25,
+                   help="memorisation check: near copy when the distance to the nearest training example is below "
+                        "this times the median nearest-neighbour distance within the training data")
     _add_json(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("augment", help="mix real and synthetic rows at a chosen ratio into one dataset")
+    p.add_argument("--real", required=True, help="real dataset: anything data.source accepts")
+    p.add_argument("--synthetic", required=True, help="a finished `ganpipe export` (path or s3:// URI), or a MODEL")
+    p.add_argument("--ratio", type=float, required=True, help="synthetic rows per real row, e.g. 0.5")
+    p.add_argument("--out", required=True, help="local path or s3:// URI")
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0, help="export seed of the generated rows when --synthetic is a MODEL")
+    _add_json(p)
+    p.set_defaults(func=cmd_augment)
 
     p = sub.add_parser("deploy", help="create or update the Prefect deployments and their schedules")
     _add_config(p, optional=True)

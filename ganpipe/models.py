@@ -319,17 +319,30 @@ def to_output(samples: torch.Tensor, spec: NetworkSpec) -> torch.Tensor:
     return samples.cpu()
 
 
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` with zero rows appended up to `rows`: see `generate` for why every pass has one shape."""
+    if len(x) >= rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
+
+
 @torch.no_grad()
 def generate(generator: nn.Module, spec: NetworkSpec, seeds: list[int], labels: list[int] | None = None,
              batch_size: int = 256, device: torch.device | str = "cpu",
              truncation: float | None = None) -> torch.Tensor:
-    """Samples for `seeds` (and `labels` for conditional models) in user units."""
+    """Samples for `seeds` (and `labels` for conditional models) in user units.
+
+    Every forward pass sees exactly `batch_size` rows (the last chunk is padded with zeros): CPU
+    kernels (MKL, oneDNN) choose their blocking, and so their summation order, by the batch's
+    shape, so a row generated alone could differ in the last bit from the same row in a batch of
+    300. With one shape, a sample is bit-identical however many rows are generated with it."""
     if spec.conditional and labels is None:
         raise ValueError("a conditional generator needs one label per seed")
     outputs = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
-        z = latents_for_seeds(chunk, spec.latent_dim, truncation).to(device)
-        y = torch.as_tensor(labels[start:start + batch_size], device=device) if spec.conditional else None
-        outputs.append(to_output(generator(z, y), spec))
+        z = pad_rows(latents_for_seeds(chunk, spec.latent_dim, truncation), batch_size).to(device)
+        y = pad_rows(torch.as_tensor(labels[start:start + batch_size]), batch_size).to(device) \
+            if spec.conditional else None
+        outputs.append(to_output(generator(z, y)[:len(chunk)], spec))
     return torch.cat(outputs) if outputs else torch.empty(0)
