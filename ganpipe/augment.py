@@ -39,6 +39,7 @@ from ganpipe.export import (
     generate_rows,
     image_column,
     record_uri,
+    remove_stale_scratch,
     scratch_dir,
 )
 from ganpipe.models import NetworkSpec
@@ -200,6 +201,7 @@ def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int =
                 "real_fingerprint": prepared.fingerprint, "synthetic": synth.identity(), "ratio": ratio,
                 "num_real": num_real, "num_synthetic": num_synthetic, "shard_size": shard_size}
     claim_output(out, identity, endpoint_url)
+    remove_stale_scratch(out)
     schema = features(classes).arrow_schema
     written = 0
     for k in range(num_shards):

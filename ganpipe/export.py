@@ -387,6 +387,13 @@ def scratch_dir(out: str) -> str | None:
     return str(path)
 
 
+def remove_stale_scratch(out: str) -> None:
+    """Half-built shards of a killed run (one run writes an output at a time)."""
+    if not storage.is_remote(out):
+        for path in storage.local_path(out).glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 # --- one rank's work ----------------------------------------------------------------------------
 
 class ParentGone(RuntimeError):
@@ -584,6 +591,7 @@ def export(model: str, num_images: int, out: str, fmt: str = "parquet", shard_si
     labels = label_plan(spec, num_images, class_balance, class_counts, counts)
     identity = _identity(loaded.source, plan, labels, _weights_sha(loaded), gates)
     claim_output(plan.out, identity, endpoint_url)
+    remove_stale_scratch(plan.out)
     gate_plan = prepare_gates(gates, loaded, plan.out, endpoint_url, lambda n: calibration_rows(loaded, seed, n)) \
         if gates.enabled else None
 
