@@ -21,3 +21,11 @@ def ganpipe(*args: str, home: Path, check: bool = True) -> dict[str, Any]:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"ganpipe {' '.join(args)} failed with exit {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """VmHWM: the peak resident set of a live process, in MB (ru_maxrss would carry across exec)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -29,14 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """VmHWM: the peak resident set of a live process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+sys.path.insert(0, str(ROOT))
+from benchmarks._common import peak_rss_mb  # noqa: E402
 
 
 def watch_children() -> dict[int, float]:
