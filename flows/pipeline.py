@@ -2,6 +2,7 @@
 
 Thin by design: each task loads the config from its path and overrides, calls ganpipe's library,
 and returns plain JSON (URIs, fingerprints, numbers). Nothing heavier crosses between tasks.
+The export and evaluation flows (flows/export.py, flows/evaluation.py) reuse these tasks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from ganpipe.config import Config, load_config
 from ganpipe.errors import StageError, UserError
 
 
+class EvaluationFailed(RuntimeError):
+    """Evaluation gave no value for the metric that matters (the promotion metric in the pipeline,
+    any metric in the evaluation flow)."""
+
+
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     """Retry transient failures (storage, registry, network); never bad input."""
     try:
@@ -43,8 +49,16 @@ def _config(config_path: str, overrides: list[str] | None) -> Config:
     return load_config(config_path, list(overrides or []))
 
 
+def champion_uri(cfg: Config) -> str:
+    return f"models:/{cfg.registry.name}@champion"
+
+
+# --- tasks -----------------------------------------------------------------------------------------
+
 @task(name="ingest", cache_policy=NO_CACHE, **RETRIES)
 def ingest_task(config_path: str, overrides: list[str] | None) -> dict[str, Any]:
+    """Prepared data is keyed by a fingerprint of the source's content and the preprocessing: an
+    unchanged dataset is a cache hit that decodes nothing, in this flow run or any later one."""
     from ganpipe.data import ingest
 
     cfg = _config(config_path, overrides)
@@ -55,15 +69,16 @@ def ingest_task(config_path: str, overrides: list[str] | None) -> dict[str, Any]
 
 
 class TrainingProgress:
-    """Streams the trainer's output into the run log and keeps a progress artifact current."""
+    """Streams the trainer's output into the run log and keeps a progress artifact current with
+    the step, the throughput and the latest losses."""
 
     STEP = re.compile(r"^step (\d+)/(\d+)\b(.*)$")
+    KEY_VALUE = re.compile(r"(\w+)=(\S+)")
 
-    def __init__(self, total_steps: int):
+    def __init__(self) -> None:
         self.logger = get_run_logger()
         self.artifact = create_progress_artifact(0.0, key="ganpipe-training-progress",
                                                  description="training: starting")
-        self.total = total_steps
         self.last_update = 0.0
 
     def on_line(self, line: str) -> None:
@@ -75,30 +90,66 @@ class TrainingProgress:
         now = time.time()
         if now - self.last_update > 2.0 or step == total:
             update_progress_artifact(self.artifact, progress=100.0 * step / max(total, 1),
-                                     description=f"step {step}/{total}{match.group(3)}")
+                                     description=self.describe(step, total, match.group(3)))
             self.last_update = now
+
+    def describe(self, step: int, total: int, rest: str) -> str:
+        values = dict(self.KEY_VALUE.findall(rest))
+        parts = [f"step {step}/{total}"]
+        if "images_per_sec" in values:
+            parts.append(f"{float(values.pop('images_per_sec')):.0f} images/s")
+        eta = values.pop("eta", None)
+        parts.append(" ".join(f"{k}={v}" for k, v in values.items()))
+        if eta:
+            parts.append(f"eta {eta}")
+        return " · ".join(p for p in parts if p)
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_bad_input)
 def train_task(config_path: str, overrides: list[str] | None) -> dict[str, Any]:
-    """A retry (or a rerun of the flow) resumes from the run's last checkpoint."""
+    """A retry (or a rerun of the flow) resumes from the run's last checkpoint. Cancelling the
+    flow run or hitting its timeout kills the training's whole process tree (ganpipe.launch)."""
     from ganpipe.launch import launch_training
 
-    cfg = _config(config_path, overrides)
-    progress = TrainingProgress(cfg.train.steps)
-    return launch_training(cfg, resume="auto", on_line=progress.on_line)
+    return launch_training(_config(config_path, overrides), resume="auto", on_line=TrainingProgress().on_line)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(run_dir: str, config_path: str, overrides: list[str] | None) -> dict[str, Any]:
     from ganpipe.evaluate import evaluate_run
 
-    return evaluate_run(Path(run_dir), _config(config_path, overrides))
+    cfg = _config(config_path, overrides)
+    evaluation = evaluate_run(Path(run_dir), cfg)
+    require_primary_metric(cfg, evaluation["metrics"])
+    return evaluation
+
+
+def check_evaluation(cfg: Config) -> None:
+    """Bad evaluation settings fail the flow before anything is trained: unknown metrics, too few
+    samples, a missing weights file, and a promotion metric the pipeline would not compute."""
+    from ganpipe.evaluate import check_request
+
+    e = cfg.eval
+    check_request(e.metrics, e.num_samples, e.inception_weights, ("eval.num_samples", "eval.inception_weights"))
+    primary = cfg.registry.primary_metric
+    if primary not in e.metrics:
+        raise UserError(f"register.primary_metric: {primary!r} is not among eval.metrics ({', '.join(e.metrics)})")
+
+
+def require_primary_metric(cfg: Config, metrics: dict[str, Any]) -> None:
+    """No value for the primary metric means no alias decision: fail the stage, register nothing."""
+    primary = cfg.registry.primary_metric
+    result = metrics.get(primary) or {}
+    if result.get("value") is None:
+        raise EvaluationFailed(f"{primary} has no value ({result.get('error') or 'not computed'}); "
+                               "nothing was registered")
 
 
 @task(name="register", cache_policy=NO_CACHE, **RETRIES)
 def register_task(run_dir: str) -> dict[str, Any]:
+    """Idempotent: a retry after a partial failure finds the version by its weights' hash and
+    finishes its tags and alias instead of registering a second copy."""
     from ganpipe.registry import register_run
 
     result = register_run(Path(run_dir))
@@ -106,13 +157,15 @@ def register_task(run_dir: str) -> dict[str, Any]:
     return result
 
 
-def default_export_uri(cfg: Config, version: int) -> str:
-    return str(storage.ganpipe_home() / "exports" / cfg.registry.name / f"v{version}")
+def default_export_uri(cfg: Config, label: str) -> str:
+    """$GANPIPE_HOME/exports/<name>/<label>: label is v<version>, or a run directory's name."""
+    return str(storage.ganpipe_home() / "exports" / cfg.registry.name / label)
 
 
 @task(name="export", cache_policy=NO_CACHE, **RETRIES)
 def export_task(model_uri: str, out: str, config_path: str, overrides: list[str] | None,
                 training_counts: dict[str, int] | None) -> dict[str, Any]:
+    """Finished shards are kept, so a retry continues where the failed attempt stopped."""
     from ganpipe.export import export
 
     cfg = _config(config_path, overrides)
@@ -120,6 +173,19 @@ def export_task(model_uri: str, out: str, config_path: str, overrides: list[str]
     return export(model_uri, e.num_images, out, fmt=e.format, shard_size=e.shard_size,
                   class_balance=e.class_balance, seed=e.seed, endpoint_url=cfg.storage.endpoint_url,
                   training_counts=training_counts, num_processes=e.num_processes)
+
+
+@task(name="resolve-model", cache_policy=NO_CACHE, **RETRIES)
+def resolve_model_task(model_uri: str) -> dict[str, str]:
+    """Pin `models:/NAME@ALIAS` to the version it points at now (an alias can move while a flow
+    runs): {"model_uri": models:/NAME/VERSION or the run directory, "label": vVERSION or its name}."""
+    from ganpipe.registry import resolve_version
+
+    if not model_uri.startswith("models:/"):
+        return {"model_uri": model_uri, "label": Path(model_uri).name}
+    version = resolve_version(model_uri)
+    get_run_logger().info("%s is version %s", model_uri, version.version)
+    return {"model_uri": f"models:/{version.name}/{version.version}", "label": f"v{version.version}"}
 
 
 def run_stage(name: str, fn: Any, *args: Any) -> Any:
@@ -131,16 +197,22 @@ def run_stage(name: str, fn: Any, *args: Any) -> Any:
         raise StageError(name, exc) from exc
 
 
+# --- the flow --------------------------------------------------------------------------------------
+
 @flow(name="ganpipe-training-pipeline")
 def training_pipeline(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """ingest -> train -> evaluate -> register -> export (when export.num_images > 0) of the config
+    at `config_path` with `overrides` (dotted.key=value). Each stage starts only when the one
+    before it succeeded: a failed evaluation registers nothing."""
     cfg = _config(config_path, overrides)
+    check_evaluation(cfg)
     data = run_stage("ingest", ingest_task, config_path, overrides)
     trained = run_stage("train", train_task, config_path, overrides)
     evaluation = run_stage("evaluate", evaluate_task, trained["run_dir"], config_path, overrides)
     registered = run_stage("register", register_task, trained["run_dir"])
     exported = None
     if cfg.export.num_images > 0:
-        out = cfg.export.out or default_export_uri(cfg, registered["version"])
+        out = cfg.export.out or default_export_uri(cfg, f"v{registered['version']}")
         counts = _class_counts(data)
         exported = run_stage("export", export_task, registered["model_uri"], out, config_path, overrides, counts)
     summary = {
@@ -162,6 +234,8 @@ def _class_counts(data: dict[str, Any]) -> dict[str, int] | None:
         return None
 
 
+# --- artifacts -------------------------------------------------------------------------------------
+
 def mlflow_links(summary: dict[str, Any]) -> list[str]:
     uri = tracking.tracking_uri()
     run_id, name, version = summary.get("mlflow_run_id"), summary["name"], summary["version"]
@@ -171,21 +245,36 @@ def mlflow_links(summary: dict[str, Any]) -> list[str]:
     return [f"MLflow run `{run_id}` and model `{name}` v{version}: `mlflow ui --backend-store-uri {uri}`"]
 
 
-def publish_summary(summary: dict[str, Any]) -> None:
-    rows = [{"metric": name, "value": r.get("value"), "uncertainty": r.get("uncertainty"),
-             "note": r.get("warning") or r.get("error") or ""} for name, r in summary["metrics"].items()]
+def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"metric": name, "value": r.get("value"), "uncertainty": r.get("uncertainty"),
+             "note": r.get("warning") or r.get("error") or ""} for name, r in metrics.items()]
+
+
+def publish_metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = metric_rows(metrics)
     create_table_artifact(rows, key="ganpipe-metrics", description="evaluation metrics")
-    metric_lines = "\n".join(f"| {r['metric']} | {_fmt(r['value'], '.4g')} | {_fmt(r['uncertainty'], '.3g')} |"
-                             for r in rows)
-    export = summary.get("export")
-    export_line = f"{export['out']} ({export['num_images']} rows, manifest `{export['manifest']}`)" if export \
-        else "not configured"
+    return rows
+
+
+def metrics_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    return ["| metric | value | uncertainty |", "|---|---|---|",
+            *(f"| {r['metric']} | {_fmt(r['value'], '.4g')} | ± {_fmt(r['uncertainty'], '.3g')} |" for r in rows)]
+
+
+def export_line(export: dict[str, Any] | None) -> str:
+    if not export:
+        return "not configured"
+    return f"`{export['out']}` ({export['num_images']} rows, manifest `{export['manifest']}`)"
+
+
+def publish_summary(summary: dict[str, Any]) -> None:
+    rows = publish_metrics_table(summary["metrics"])
     markdown = "\n".join([
         f"# ganpipe pipeline: {summary['name']} v{summary['version']}",
         "", f"- model: `{summary['model_uri']}` (aliases: {', '.join(summary['aliases']) or 'none'})",
         f"- alias decision: {summary['decision']}", f"- data fingerprint: `{summary['data_fingerprint']}`",
-        f"- export: {export_line}", *[f"- {link}" for link in mlflow_links(summary)],
-        "", "| metric | value | uncertainty |", "|---|---|---|", metric_lines])
+        f"- export: {export_line(summary.get('export'))}", *[f"- {link}" for link in mlflow_links(summary)],
+        "", *metrics_markdown(rows)])
     create_markdown_artifact(markdown, key="ganpipe-summary", description="pipeline summary")
 
 

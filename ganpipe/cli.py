@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ganpipe.errors import StageError, UserError
+from ganpipe.errors import Failure, StageError, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -205,11 +205,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    cfg = _load(args)  # validate before Prefect starts
+    _load(args)  # bad input is exit 2 before Prefect starts
+    # Without PREFECT_API_URL, Prefect starts a temporary local API. Its 20 s start-up limit is too
+    # tight for a busy laptop or CI box; the user's own setting still wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import training_pipeline
 
     summary = training_pipeline(config_path=str(args.config), overrides=list(args.overrides))
-    del cfg
     _emit(args, summary, pipeline_summary_lines(summary))
 
 
@@ -233,8 +235,16 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
     cfg = _load(args) if args.config else None
     result = deploy(args.config, list(args.overrides), cfg)
-    _emit(args, result, [f"deployed {name}" for name in result["deployments"]] +
-          [f"work pool: {result['work_pool']}"])
+    schedule = result["schedule"]
+    lines = [f"deployed {name}" for name in result["deployments"]]
+    lines.append(f"  schedule:  {schedule['cron']} ({schedule['timezone']}) for the pipeline" if schedule
+                 else "  schedule:  none (runs on demand)")
+    lines.append(f"  work pool: {result['work_pool']} (start a worker: prefect worker start --pool "
+                 f"{result['work_pool']})")
+    if not os.environ.get("PREFECT_API_URL"):
+        lines.append("  PREFECT_API_URL is not set: deployed to the local Prefect database; "
+                     "`prefect server start` serves it")
+    _emit(args, result, lines)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -333,6 +343,11 @@ def run(argv: list[str] | None = None) -> int:
         cause = exc.cause
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(cause, UserError) else 1
+    except Failure as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         if debug:
             traceback.print_exc()

@@ -95,6 +95,12 @@ class TrainConfig(_Section):
     channels_last: bool = False
     run_name: str | None = None
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means "no"."""
+        return "no" if value is False else value
+
 
 class EvalConfig(_Section):
     metrics: list[str] = Field(default_factory=lambda: ["fd_domain"])

@@ -11,6 +11,10 @@ class UserError(Exception):
     """Bad input or configuration. The message names the file, key or row at fault."""
 
 
+class Failure(Exception):
+    """A failure whose message already says what went wrong (exit 1, printed as is)."""
+
+
 class StageError(Exception):
     """A pipeline stage failed; carries the stage name so flows can report it."""
 

@@ -169,11 +169,14 @@ def main(argv: list[str] | None = None) -> None:
 
     request = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     out = request.pop("out")
+    from ganpipe.launch import report_worker_error, stop_with_launcher
+
+    stop_with_launcher()  # a process must not outlive the command that launched it
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
         results = evaluate_sources(**request, accelerator=accelerator)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_worker_error(exc)
         sys.exit(2)
     if accelerator.is_main_process:
         storage.write_json_atomic(out, results)

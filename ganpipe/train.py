@@ -631,14 +631,17 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ganpipe.train RUN_DIR (normally started by `ganpipe train`)", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
+    from ganpipe.launch import report_worker_error, stop_with_launcher
+
+    stop_with_launcher()  # a rank must not outlive the process that launched it (even if SIGKILLed)
     cfg = runs.load_run_config(run_dir)
     try:
         train(cfg, run_dir)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_worker_error(exc)
         return 2
     except Diverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_worker_error(exc)
         return 1
     return 0
 

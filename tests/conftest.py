@@ -27,11 +27,15 @@ for variable in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL", "
 
 
 @pytest.fixture(autouse=True)
-def ganpipe_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def ganpipe_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     home = tmp_path / "ganpipe-home"
     home.mkdir()
     monkeypatch.setenv("GANPIPE_HOME", str(home))
-    return home
+    yield home
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into os.environ: a test that calls it
+    # must not point later tests' subprocesses at its store.
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(variable, None)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: int = 600

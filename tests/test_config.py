@@ -29,6 +29,13 @@ def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
     assert "register:" in cfg.to_yaml() and "registry:" not in cfg.to_yaml()
 
 
+def test_bare_no_is_not_a_boolean_for_mixed_precision(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", "data: {source: x}\ntrain: {mixed_precision: no}\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
 def test_hash_ignores_formatting_but_not_values(tmp_path: Path) -> None:
     a = write_config(tmp_path / "a.yaml", "data: {source: x}\ntrain: {steps: 5}\n")
     b = write_config(tmp_path / "b.yaml", "train:\n  steps: 5\ndata:\n  source: x   # comment\n")

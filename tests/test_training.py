@@ -238,7 +238,8 @@ def test_mixed_precision_on_cpu(tmp_path: Path) -> None:
     bf16 = run_cli("train", str(config), "--mixed-precision", "bf16", "--json")
     assert bf16.returncode == 0, bf16.stderr[-2000:]
     weights = load_file(str(Path(last_json(bf16.stdout)["run_dir"]) / "generator/generator.safetensors"))
-    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    floats = [t for t in weights.values() if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in floats)
 
 
 def _gaussians_config(tmp_path: Path, extra: str = "") -> Path:
@@ -258,7 +259,7 @@ def test_gradient_accumulation_and_adaptive_schedule(tmp_path: Path) -> None:
     one = run_cli("train", str(base), "--json")
     four = run_cli("train", str(base), "--set", "train.grad_accum=4", "--json")
     adaptive = run_cli("train", str(base), "--set", "train.schedule=adaptive", "--set", "train.d_steps=1",
-                       "--set", "train.adaptive_d_threshold=1.2", "--set", "train.adaptive_g_threshold=0.8", "--json")
+                       "--set", "train.adaptive_d_threshold=1.5", "--set", "train.adaptive_g_threshold=0.8", "--json")
     for result in (one, four, adaptive):
         assert result.returncode == 0, result.stderr[-2000:]
     w1 = load_file(str(Path(last_json(one.stdout)["run_dir"]) / "generator/generator.safetensors"))
