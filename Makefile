@@ -28,3 +28,11 @@ test: setup lint
 
 clean:
 	rm -rf .ganpipe .pytest_cache
+
+# The servers without Docker (PostgreSQL, prefect server, mlflow server, S3) on 127.0.0.1, state
+# in .ganpipe/stack: `eval "$$(infra/local-stack env)"` points a shell at them.
+stack: setup
+	PYTHON=$(PYTHON) infra/local-stack start
+
+stack-stop:
+	infra/local-stack stop
