@@ -210,17 +210,34 @@ def load_export(stack: Stack, pattern: str) -> list[dict[str, Any]]:
                                       streaming=True))
 
 
-def test_the_kubernetes_work_pool_template_on_the_stack(stack: Stack, tmp_path: Path) -> None:
-    """The README's command, against this Prefect server: the server accepts the template as is."""
+def test_the_kubernetes_work_pool_takes_ganpipe_deployments(stack: Stack, tmp_path: Path) -> None:
+    """The README's commands against this Prefect server: the server accepts the GPU template as
+    is, and `ganpipe deploy` puts the pipeline on that pool (its job variables pass the template's
+    schema), with flow runs asking for GPUs through `gpu_count`."""
     template = ROOT / "infra" / "k8s" / "work-pool-gpu.json"
-    env = {**os.environ, **stack.client_env(PREFECT_HOME=str(tmp_path / "prefect"))}
+    env = stack.client_env(PREFECT_HOME=str(tmp_path / "prefect"))
     created = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "ganpipe-k8s",
                               "--type", "kubernetes", "--base-job-template", str(template)],
-                             env=env, capture_output=True, text=True, timeout=300)
+                             env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
     [(pool_type, stored)] = query(stack, "prefect", "SELECT type, base_job_template FROM work_pool WHERE name = %s",
                                   "ganpipe-k8s")
     assert pool_type == "kubernetes" and stored == json.loads(template.read_text())
+
+    config = write_config(tmp_path / "tiny.yaml", TINY_DIGITS)
+    deployed = run_cli("deploy", str(config), "--set", "deploy.work_pool=ganpipe-k8s", "--json", env=env)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    assert last_json(deployed.stdout)["work_pool"] == "ganpipe-k8s"
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack.exports["PREFECT_API_URL"]}), \
+            get_client(sync_client=True) as prefect:
+        deployment = prefect.read_deployment_by_name("ganpipe-training-pipeline/tiny-digits")
+        assert deployment.work_pool_name == "ganpipe-k8s"
+        run = prefect.create_flow_run_from_deployment(deployment.id, job_variables={"gpu_count": 8})
+        assert run.job_variables["gpu_count"] == 8
+        prefect.delete_flow_run(run.id)  # no Kubernetes worker here to pick it up
 
 
 def alive(pid_record: str) -> bool:
