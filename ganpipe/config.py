@@ -92,6 +92,9 @@ class TrainConfig(_Section):
     best_metric: Literal["fd_domain", "none"] = Field(
         "fd_domain", description="scores each checkpoint's EMA generator; the lowest is kept as `best`")
     best_num_samples: int = Field(1000, ge=2, description="samples per side for the checkpoint score")
+    final_generator: Literal["last", "best"] = Field(
+        "last", description="the run's generator (evaluated, registered, exported): the last EMA, or the "
+                            "best-scoring checkpoint's EMA")
     log_every: int = Field(50, ge=1)
     sample_every: int = Field(500, ge=1)
     compile: bool = False
@@ -103,6 +106,12 @@ class TrainConfig(_Section):
     def _yaml_no(cls, value: Any) -> Any:
         """YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means "no"."""
         return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _best_needs_scores(self) -> TrainConfig:
+        if self.final_generator == "best" and self.best_metric == "none":
+            raise ValueError("train.final_generator 'best' needs checkpoint scores: set train.best_metric")
+        return self
 
 
 class EvalConfig(_Section):

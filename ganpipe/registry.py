@@ -292,6 +292,7 @@ def _lineage_tags(run_dir: Path, info: dict[str, Any], cfg: Any, generator_dir: 
         or info.get("data", {}).get("fingerprint", "unknown"),
         "ganpipe.config_hash": produced.get("config_hash") or info.get("config_hash") or cfg.hash(),
         "ganpipe.train_steps": str(produced.get("step", "unknown")),
+        "ganpipe.generator_checkpoint": produced.get("selected", "last"),  # train.final_generator
         "ganpipe.git_commit": tracking.git_commit() or "unknown",
         "ganpipe.flow_run_id": tracking.flow_run_id() or "none",
         "ganpipe.evaluation_status": evaluation.get("status", "missing"),
@@ -423,7 +424,7 @@ def model_card(name: str, version: int, spec: NetworkSpec, tags: dict[str, str],
 A {spec.family.upper()} generator of {kind}, {conditional}, trained by ganpipe.
 
 - data fingerprint: `{tags['ganpipe.data_fingerprint']}`
-- config hash: `{tags['ganpipe.config_hash']}` ({tags['ganpipe.train_steps']} steps)
+- config hash: `{tags['ganpipe.config_hash']}` (generator: the {tags['ganpipe.generator_checkpoint']} EMA, step {tags['ganpipe.train_steps']})
 - git commit: `{tags['ganpipe.git_commit']}`, Prefect flow run: `{tags['ganpipe.flow_run_id']}`
 - weights sha256: `{tags[SHA_TAG]}`
 - aliases: {', '.join(aliases) or 'none'} ({decision.reason})

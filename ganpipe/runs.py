@@ -5,7 +5,8 @@
       run.json         identity, data fingerprint and location, MLflow run id
       checkpoints/     step-XXXXXXXX/ (see ganpipe.checkpoint), latest, best
       samples/         preview grids
-      generator/       the final EMA generator: generator.safetensors, spec.json, info.json
+      generator/       the run's EMA generator (the last, or the best checkpoint's: train.final_generator):
+                       generator.safetensors, spec.json, info.json
       result.json      what the last invocation achieved
 
 The run name is derived from what determines the training trajectory (seed, data, model, train
@@ -24,7 +25,9 @@ from typing import Any
 from ganpipe import storage
 from ganpipe.config import Config, config_from_yaml_text
 
-BOOKKEEPING = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "run_name"}
+# `final_generator` only picks which saved EMA becomes the run's generator.
+BOOKKEEPING = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "run_name",
+               "final_generator"}
 
 
 def run_identity(cfg: Config) -> str:

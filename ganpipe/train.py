@@ -406,18 +406,32 @@ class Trainer:
             save_scatter(samples.numpy(), real, path)
         return path
 
-    def write_generator(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        from safetensors.torch import save_file
+    def write_generator(self) -> dict[str, Any]:
+        """Write the run's generator, which evaluation, registration and export use: the last EMA,
+        or with `train.final_generator: best` the EMA of the best-scoring checkpoint. Returns
+        which one it is (`step`, `selected`, `score`)."""
+        from safetensors.torch import load_file, save_file
 
+        weights, chosen = self.nets.ema.state_dict(), {"step": self.step, "selected": "last", "score": None}
+        best = checkpoint.best_checkpoint(self.run_dir)
+        if self.cfg.train.final_generator == "best":
+            if best is None:
+                if self.accelerator.is_main_process:
+                    print("warning: train.final_generator is 'best' but no checkpoint has a finite score; "
+                          "the run's generator is the last EMA", file=sys.stderr, flush=True)
+            else:
+                meta = checkpoint.read_meta(best)
+                weights = load_file(str(best / "G_ema.safetensors"))
+                chosen = {"step": meta["step"], "selected": "best", "score": meta.get("score")}
+        if not self.accelerator.is_main_process:
+            return chosen
         target = runs.generator_dir(self.run_dir)
         with storage.atomic_directory(target) as tmp:
-            save_file(checkpoint._contiguous(self.nets.ema.state_dict()), str(tmp / "generator.safetensors"))
+            save_file(checkpoint._contiguous(weights), str(tmp / "generator.safetensors"))
             (tmp / "spec.json").write_text(json.dumps(self.spec.to_json(), indent=2))
             (tmp / "info.json").write_text(json.dumps({
-                "step": self.step, "data_fingerprint": self.data.fingerprint,
-                "config_hash": self.cfg.hash()}, indent=2))
+                **chosen, "data_fingerprint": self.data.fingerprint, "config_hash": self.cfg.hash()}, indent=2))
+        return chosen
 
 
 @torch.no_grad()
@@ -617,7 +631,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 saved = trainer.save({"metrics": metrics or {}}, score)
                 last_checkpoint = saved or last_checkpoint
                 acc.wait_for_everyone()
-        trainer.write_generator()
+        generator = trainer.write_generator()
     except Diverged as exc:
         if main:
             storage.write_json_atomic(str(run_dir / "result.json"), {
@@ -642,6 +656,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "rank_generator_checksums": rank_checksums,
         "best_checkpoint": str(checkpoint.best_checkpoint(run_dir) or ""),
         "best_score": checkpoint.best_score(run_dir) if main else None,
+        "generator": generator,
     }
     if main:
         storage.write_json_atomic(str(run_dir / "result.json"), result)

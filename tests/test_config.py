@@ -51,6 +51,8 @@ def test_hash_ignores_formatting_but_not_values(tmp_path: Path) -> None:
     ("data: {source: x}\n", ["train.loss=wasserstein"], "key 'train.loss'"),
     ("data: {source: x}\n", ["nosuchsection.key=1"], "unknown key 'nosuchsection'"),
     ("data: {source: x, kind: vector}\n", [], "data.columns is required"),
+    ("data: {source: x}\n", ["train.final_generator=best", "train.best_metric=none"],
+     "train.final_generator 'best' needs checkpoint scores"),
 ])
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, overrides: list[str], expected: str) -> None:
     path = write_config(tmp_path / "bad.yaml", text)

@@ -169,6 +169,7 @@ def test_register_records_lineage_and_artifacts_and_is_idempotent(tiny_run: Path
     assert float(tags["ganpipe.metric.fd_domain"]) == 10.0
     assert float(tags["ganpipe.metric.fd_domain.uncertainty"]) == 0.4
     assert tags["ganpipe.evaluation_status"] == "ok" and tags["ganpipe.train_steps"] == "20"
+    assert tags["ganpipe.generator_checkpoint"] == "last"
     assert tags[registry.SHA_TAG] == storage.sha256_file(run / "generator" / "generator.safetensors")
     assert tags["ganpipe.run_dir"] == str(run.resolve())
     assert tags["ganpipe.alias_decision"] == out["decision"] == "first version with a fd_domain: champion"

@@ -203,6 +203,25 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
     assert Path(result_a["best_checkpoint"]).name == Path(result_b["best_checkpoint"]).name
     assert result_a["best_score"] == pytest.approx(result_b["best_score"], rel=1e-9)
     assert result_a["best_score"] <= min(scores.values())
+    assert result_a["generator"] == {"step": 60, "selected": "last", "score": None}
+
+    # train.final_generator: best makes the best checkpoint's EMA the run's generator, on the same
+    # run without training again. Point `best` at an older checkpoint so "best" differs from "last".
+    run_a = Path(result_a["run_dir"])
+    older = checkpoint.list_checkpoints(run_a)[-2]
+    checkpoint.mark_best(run_a, older)
+    picked = run_cli("train", str(config), "--resume", "auto", "--set", "train.final_generator=best", "--json",
+                     env={"GANPIPE_HOME": str(home_a)})
+    assert picked.returncode == 0, picked.stderr[-2000:]
+    result_c = last_json(picked.stdout)
+    assert result_c["run_dir"] == str(run_a) and result_c["steps"] == 60
+    assert result_c["generator"]["selected"] == "best" and result_c["generator"]["step"] == checkpoint._step_of(older)
+    generator = load_file(str(run_a / "generator/generator.safetensors"))
+    best_ema = load_file(str(older / "G_ema.safetensors"))
+    assert generator.keys() == best_ema.keys() and all(torch.equal(generator[k], best_ema[k]) for k in generator)
+    assert any(not torch.equal(generator[k], a[f"G_ema.{k}"]) for k in generator)  # not the last EMA
+    info = json.loads((run_a / "generator/info.json").read_text())
+    assert info["selected"] == "best" and info["score"] == scores[older.name]
 
     # Observability: losses, D outputs, grad norms and throughput reached MLflow; sample grids were saved.
     import mlflow
