@@ -87,6 +87,8 @@ def training_run_dir(source: dict[str, Any]) -> Path:
 
 
 def discriminator_checkpoint(run_dir: Path) -> Path:
+    # The latest discriminator, also when the run's generator is an earlier (best) checkpoint's
+    # EMA: the most-trained critic is the sharpest judge of what looks fake.
     latest = checkpoint.latest_checkpoint(run_dir)
     if latest is None or not (latest / "D.safetensors").exists():
         raise UserError(f"--drop-lowest-d: no checkpoint with a discriminator in {run_dir / 'checkpoints'}")
