@@ -214,7 +214,8 @@ def _format_validation_error(origin: str, exc: ValidationError) -> str:
         return f"{origin}: missing required key '{key}'"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"{origin}: key '{key}': {first['msg']}{shown}"
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators
+    return f"{origin}: key '{key}': {message}{shown}"
 
 
 def validate_config(raw: dict[str, Any], origin: str) -> Config:

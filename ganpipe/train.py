@@ -406,25 +406,25 @@ class Trainer:
             save_scatter(samples.numpy(), real, path)
         return path
 
-    def write_generator(self) -> dict[str, Any]:
+    def write_generator(self) -> dict[str, Any] | None:
         """Write the run's generator, which evaluation, registration and export use: the last EMA,
         or with `train.final_generator: best` the EMA of the best-scoring checkpoint. Returns
-        which one it is (`step`, `selected`, `score`)."""
+        which one it is (`step`, `selected`, `score`) on the main process, None on the others."""
+        if not self.accelerator.is_main_process:
+            return None
         from safetensors.torch import load_file, save_file
 
-        weights, chosen = self.nets.ema.state_dict(), {"step": self.step, "selected": "last", "score": None}
-        best = checkpoint.best_checkpoint(self.run_dir)
+        weights = self.nets.ema.state_dict()
+        chosen: dict[str, Any] = {"step": self.step, "selected": "last", "score": None}
         if self.cfg.train.final_generator == "best":
+            best = checkpoint.best_checkpoint(self.run_dir)
             if best is None:
-                if self.accelerator.is_main_process:
-                    print("warning: train.final_generator is 'best' but no checkpoint has a finite score; "
-                          "the run's generator is the last EMA", file=sys.stderr, flush=True)
+                print("warning: train.final_generator is 'best' but no checkpoint has a finite score; "
+                      "the run's generator is the last EMA", file=sys.stderr, flush=True)
             else:
                 meta = checkpoint.read_meta(best)
                 weights = load_file(str(best / "G_ema.safetensors"))
                 chosen = {"step": meta["step"], "selected": "best", "score": meta.get("score")}
-        if not self.accelerator.is_main_process:
-            return chosen
         target = runs.generator_dir(self.run_dir)
         with storage.atomic_directory(target) as tmp:
             save_file(checkpoint._contiguous(weights), str(tmp / "generator.safetensors"))
