@@ -52,7 +52,7 @@ def make_run(folder: Path) -> None:
 
 
 def measure(mode: str, run: Path, num_images: int, out: Path, num_processes: int) -> dict:
-    from ganpipe.registry import load_generator
+    from ganpipe.generators import load_generator
 
     loaded = load_generator(str(run))
     started = time.perf_counter()

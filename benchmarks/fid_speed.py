@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from ganpipe import storage
 from ganpipe.config import DataConfig
 from ganpipe.data import ingest, open_prepared
+from ganpipe.generators import LoadedGenerator, load_generator
 from ganpipe.metrics import EvalContext, evaluate
 from ganpipe.metrics.inception import (
     WeightsMissing,
@@ -42,7 +43,6 @@ from ganpipe.metrics.inception import (
 )
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 from ganpipe.models import NetworkSpec, build_generator
-from ganpipe.registry import LoadedGenerator, load_generator
 
 # torch-fidelity caches its statistics as numpy arrays: allow exactly what rebuilds those.
 NUMPY_ARRAYS = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, type(np.dtype(np.float32)),

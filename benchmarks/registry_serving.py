@@ -66,8 +66,9 @@ def main() -> None:
         import pandas as pd
 
         from ganpipe import tracking
+        from ganpipe.generators import load_generator
         from ganpipe.models import latents_for_seeds
-        from ganpipe.registry import load_generator, register_run
+        from ganpipe.registry import register_run
 
         run = fake_run(Path(home), args.resolution, args.width)
         weights_mb = (run / "generator" / "generator.safetensors").stat().st_size / 2**20

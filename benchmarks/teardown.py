@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ganpipe.launch import process_running, training_processes
+from tests.processes import process_running, training_processes
 
 CONFIG = """
 data: {source: "builtin:digits", resolution: 16}

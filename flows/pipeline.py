@@ -179,7 +179,7 @@ def export_task(model_uri: str, out: str, config_path: str, overrides: list[str]
 def resolve_model_task(model_uri: str) -> dict[str, str]:
     """Pin `models:/NAME@ALIAS` to the version it points at now (an alias can move while a flow
     runs): {"model_uri": models:/NAME/VERSION or the run directory, "label": vVERSION or its name}."""
-    from ganpipe.registry import resolve_version
+    from ganpipe.generators import resolve_version
 
     if not model_uri.startswith("models:/"):
         return {"model_uri": model_uri, "label": Path(model_uri).name}

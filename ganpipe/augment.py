@@ -121,7 +121,7 @@ class GeneratedRows:
 
     def __init__(self, model: str, seed: int):
         from ganpipe.export import _weights_sha, label_plan
-        from ganpipe.registry import load_generator
+        from ganpipe.generators import load_generator
 
         self.loaded = load_generator(model)
         self.spec, self.seed = self.loaded.spec, seed
@@ -147,7 +147,7 @@ class GeneratedRows:
 
 
 def open_synthetic(src: str, seed: int, endpoint_url: str | None) -> ExportedRows | GeneratedRows:
-    from ganpipe.evaluate import is_model_ref
+    from ganpipe.generators import is_model_ref
 
     if is_model_ref(src):
         return GeneratedRows(src, seed)
@@ -168,7 +168,7 @@ def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int =
 
     from ganpipe.config import DataConfig
     from ganpipe.data import ingest, open_prepared
-    from ganpipe.evaluate import is_model_ref
+    from ganpipe.generators import is_model_ref
 
     if not ratio > 0:
         raise UserError(f"--ratio: expected a positive number of synthetic rows per real row, got {ratio}")

@@ -57,8 +57,9 @@ def remove_partial(run_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors (which needs contiguous CPU tensors that share no memory)."""
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(path))
 
 
 def save_checkpoint(run_dir: Path, step: int, networks: dict[str, dict[str, torch.Tensor]],
@@ -68,7 +69,7 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, dict[str, torc
     target = checkpoint_root(run_dir) / f"step-{step:08d}"
     with storage.atomic_directory(target) as tmp:
         for name, weights in networks.items():
-            save_file(_contiguous(weights), str(tmp / f"{name}.safetensors"))
+            save_weights(weights, tmp / f"{name}.safetensors")
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps(
             {"step": step, "saved_at": time.time(), "score": score, **info}, indent=2))

@@ -147,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ganpipe import storage
     from ganpipe.export import row_seed, shard_table
     from ganpipe.models import generate
-    from ganpipe.registry import load_generator
+    from ganpipe.generators import load_generator
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npy", ".parquet"):
@@ -173,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # written whole, then moved into place
         staged = Path(tmp) / out.name
         if out.suffix == ".png":
-            from ganpipe.train import save_grid
+            from ganpipe.previews import save_grid
 
             save_grid(samples, staged)
         elif out.suffix == ".npy":

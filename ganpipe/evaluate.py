@@ -12,19 +12,21 @@ the main process computes the metrics and hands them back through a JSON file.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
+from accelerate import Accelerator
+from mlflow import MlflowClient
 
-from ganpipe import runs, storage
+from ganpipe import runs, storage, tracking
 from ganpipe.config import Config, DataConfig
 from ganpipe.data import PreparedData, ingest, open_prepared
 from ganpipe.errors import UserError
+from ganpipe.generators import is_model_ref, label_weights, load_generator
 from ganpipe.metrics import (
     METRICS,
     EvalContext,
@@ -34,19 +36,7 @@ from ganpipe.metrics import (
     main_process_first,
 )
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
-from ganpipe.registry import LoadedGenerator, load_generator
-
-
-def is_model_ref(src: str) -> bool:
-    return src.startswith("models:/") or runs.is_run_dir(storage.local_path(src))
-
-
-def label_weights(data: PreparedData, loaded: LoadedGenerator) -> np.ndarray | None:
-    """Generate classes in the real data's proportions, so class-aware metrics compare like with like."""
-    counts = data.meta.get("class_counts")
-    if not loaded.spec.conditional or not counts or len(counts) != loaded.spec.num_classes:
-        return None
-    return np.asarray(list(counts.values()), dtype=np.float64)
+from ganpipe.workers import WorkerFailed, run_workers, worker_main
 
 
 def _prepare_real(src: str, resolution: int, channels: int | None, endpoint_url: str | None) -> PreparedData:
@@ -88,7 +78,7 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
                 raise UserError("--real: evaluating a vector model needs its training data; "
                                 "use the pipeline or `ganpipe evaluate --real RUN_DIR/...`")
             data = _prepare_real(real, shape[1], shape[0], endpoint_url)
-            fake_samples: Any = GeneratedSamples(loaded, num_samples, seed + 1, label_weights(data, loaded), device)
+            fake_samples: Any = GeneratedSamples(loaded, num_samples, seed + 1, label_weights(data, loaded.spec), device)
         else:
             data = _prepare_real(real, resolution or 64, None, endpoint_url)
             fake_data = _prepare_real(fake, data.sample_shape[1], data.sample_shape[0], endpoint_url)
@@ -110,7 +100,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
     device = default_device()
     loaded = load_generator(str(run_dir), device)
-    fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, label_weights(data, loaded), device)
+    fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, label_weights(data, loaded.spec), device)
     ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
                       inception_weights=e.inception_weights)
     results = evaluate(ctx, e.metrics)
@@ -129,12 +119,8 @@ def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,
                   "failed": failed, "num_samples": num_samples, "evaluated_at": time.time(),
                   "generator_sha256": generator_sha256, "reference_fingerprint": reference_fingerprint}
     storage.write_json_atomic(str(run_dir / "evaluation.json"), evaluation)
-    from ganpipe import tracking
-
     run_id = tracking.known_run(runs.read_info(run_dir).get("mlflow_run_id"))
     if run_id:
-        from mlflow import MlflowClient
-
         client = MlflowClient()
         for name, result in results.items():
             if result.get("value") is not None:
@@ -147,44 +133,29 @@ def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,
 
 def launch_evaluation(request: dict[str, Any], num_processes: int) -> dict[str, Any]:
     """Run `evaluate_sources(**request)` in `num_processes` Accelerate processes; the main one's results."""
-    from ganpipe.launch import _last_error, run_process_group
-
     with tempfile.TemporaryDirectory(prefix="ganpipe-evaluate-") as tmp:
-        request_file, out, log = Path(tmp) / "request.json", Path(tmp) / "results.json", Path(tmp) / "evaluate.log"
+        request_file, out = Path(tmp) / "request.json", Path(tmp) / "results.json"
         request_file.write_text(json.dumps(request | {"out": str(out)}))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--multi_gpu",  # torchrun-style launch; on CPU-only hosts the processes use gloo
-               "--module", "ganpipe.evaluate", str(request_file)]
-        env = dict(os.environ, GANPIPE_HOME=str(storage.ganpipe_home()), PYTHONUNBUFFERED="1")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
-        code = run_process_group(cmd, env, log_file=log)
-        if code == 2:
-            raise UserError(_last_error(log) or "evaluation rejected its input")
-        if code != 0 or not out.exists():
-            raise RuntimeError(f"evaluation processes exited with code {code}: {_last_error(log) or 'no output'}")
+        run_workers("ganpipe.evaluate", [str(request_file)], what="evaluation", num_processes=num_processes,
+                    cpu=not torch.cuda.is_available(), log_file=Path(tmp) / "evaluate.log")
+        if not out.exists():
+            raise WorkerFailed("evaluation processes wrote no results")
         return json.loads(out.read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """One process of a distributed evaluation."""
-    import torch
-    from accelerate import Accelerator
-
     request = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     out = request.pop("out")
-    from ganpipe.launch import report_worker_error, stop_with_launcher
 
-    stop_with_launcher()  # a process must not outlive the command that launched it
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    try:
+    def body() -> None:
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
         results = evaluate_sources(**request, accelerator=accelerator)
-    except UserError as exc:
-        report_worker_error(exc)
-        sys.exit(2)
-    if accelerator.is_main_process:
-        storage.write_json_atomic(out, results)
+        if accelerator.is_main_process:
+            storage.write_json_atomic(out, results)
+
+    return worker_main(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,15 +8,13 @@ evaluation failed, is missing, or was computed for other weights gets no alias. 
 and its reason is recorded as a version tag (`ganpipe.alias_decision`), in the run's
 `registry/vN/promotion.json`, and returned.
 
-Safety: a generator is loaded from `spec.json` (plain JSON) and `generator.safetensors` only;
-nothing is unpickled and no code from the artifact store runs. A registered version carries the
-sha256 of its weights as a tag, and loading checks the downloaded weights against it.
+Safety: registration reads the generator through ganpipe.generators (spec.json and
+safetensors only) and tags the version with the sha256 of its weights (SHA_TAG), which loading
+checks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import shutil
@@ -25,138 +23,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
+import pandas as pd
+import safetensors
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from ganpipe import runs, storage, tracking
+from ganpipe import runs, tracking
 from ganpipe.errors import UserError
-from ganpipe.models import GENERATORS, NetworkSpec, build_generator, generate
+from ganpipe.generators import SHA_TAG, read_generator
+from ganpipe.metrics import METRICS
+from ganpipe.models import NetworkSpec, generate
+from ganpipe.previews import save_grid
 
 MODEL_ARTIFACT = "generator"
 CHAMPION, CHALLENGER = "champion", "challenger"
-SHA_TAG = "ganpipe.generator_sha256"
 REFERENCE_TAG = "ganpipe.eval_reference_fingerprint"  # the real data the metrics were measured against
 # MLflow allows more, but a name must survive models:/NAME@ALIAS parsing and search filters.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-# --- reading a generator: JSON + safetensors, never a pickle --------------------------------------
-
-@dataclass
-class LoadedGenerator:
-    generator: torch.nn.Module
-    spec: NetworkSpec
-    source: dict[str, Any]  # model_uri, name, version, run_id, run_dir, generator_sha256 (what is known)
-
-
-def read_generator(folder: Path) -> tuple[torch.nn.Module, NetworkSpec, str]:
-    """(network in eval mode, spec, sha256 of the exact weight bytes loaded) from a folder holding
-    spec.json and generator.safetensors. Anything else in their place is refused, not executed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    spec_file, weights_file = folder / "spec.json", folder / "generator.safetensors"
-    try:
-        spec = NetworkSpec.from_json(json.loads(spec_file.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"{spec_file}: not a ganpipe network spec ({exc})") from None
-    if spec.family not in GENERATORS:
-        raise UserError(f"{spec_file}: unknown network family {spec.family!r}")
-    data = weights_file.read_bytes()
-    try:
-        weights = load(data)
-    except SafetensorError as exc:
-        raise UserError(f"{weights_file}: not a safetensors file ({exc}); refusing to load it") from None
-    generator = build_generator(spec)
-    try:
-        generator.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise UserError(f"{weights_file}: weights do not fit spec.json ({str(exc).splitlines()[0]})") from None
-    return generator.eval(), spec, hashlib.sha256(data).hexdigest()
-
-
-# --- loading a MODEL reference ------------------------------------------------------------------
-
-def parse_model_uri(ref: str) -> tuple[str, str | None, str | None]:
-    """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, alias, version)."""
-    body = ref.removeprefix("models:/")
-    if "@" in body:
-        name, alias = body.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    name, sep, version = body.rpartition("/")
-    if not sep or not name or not version.isdigit():
-        raise UserError(f"--model {ref!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or a run directory")
-    return name, None, version
-
-
-def resolve_version(ref: str) -> Any:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    tracking.configure_mlflow()
-    name, alias, version = parse_model_uri(ref)
-    client = MlflowClient()
-    try:
-        if alias:
-            return client.get_model_version_by_alias(name, alias)
-        return client.get_model_version(name, version)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise  # the registry is unreachable or broken: not the user's input
-        raise UserError(f"--model {ref}: not found in the registry at {tracking.tracking_uri()} "
-                        f"({exc.message.splitlines()[0]})") from None
-
-
-def load_generator(ref: str, device: str | torch.device = "cpu") -> LoadedGenerator:
-    """A generator from the registry (its safetensors and spec only: no artifact code runs) or
-    from a local run directory."""
-    if ref.startswith("models:/"):
-        version = resolve_version(ref)
-        expected = (version.tags or {}).get(SHA_TAG)
-        generator, spec, sha = read_generator(_download_version(version, expected))
-        if expected and sha != expected:  # the local cache was altered after the download
-            raise UserError(f"{ref}: cached weights (sha256 {sha[:12]}) are not the ones registered "
-                            f"({expected[:12]}); delete {storage.ganpipe_home() / 'cache' / 'models'}")
-        source = {"model_uri": f"models:/{version.name}/{version.version}", "name": version.name,
-                  "version": int(version.version), "run_id": version.run_id,
-                  "run_dir": (version.tags or {}).get("ganpipe.run_dir")}
-    else:
-        run_dir = storage.local_path(ref).resolve()
-        folder = runs.generator_dir(run_dir)
-        if not (folder / "generator.safetensors").exists():
-            raise UserError(f"--model {ref}: no finished generator in that directory "
-                            "(expected a run directory after `ganpipe train`)")
-        generator, spec, sha = read_generator(folder)
-        source = {"model_uri": str(run_dir), "run_dir": str(run_dir),
-                  "run_id": runs.read_info(run_dir).get("mlflow_run_id")}
-    return LoadedGenerator(generator.to(device), spec, source | {"generator_sha256": sha})
-
-
-def _download_version(version: Any, expected_sha: str | None) -> Path:
-    """The version's spec.json + generator.safetensors in a local folder, checked against the
-    sha256 the version was registered with. Downloads are cached by that sha256 (not by
-    name/version, which another store may reuse for other weights)."""
-    import mlflow
-
-    cache_root = storage.ganpipe_home() / "cache" / "models"
-    if expected_sha and (cache_root / expected_sha / "spec.json").exists():
-        return cache_root / expected_sha
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{version.name}/{version.version}", dst_path=tmp))
-        found = next(iter(local.rglob("generator.safetensors")), None)
-        if found is None or not (found.parent / "spec.json").exists():
-            raise UserError(f"models:/{version.name}/{version.version} is not a ganpipe generator")
-        sha = storage.sha256_file(found)
-        if expected_sha and sha != expected_sha:
-            raise UserError(f"models:/{version.name}/{version.version}: the stored weights (sha256 {sha[:12]}) "
-                            f"are not the ones registered ({expected_sha[:12]}); refusing to load them")
-        cache = cache_root / sha
-        if not (cache / "spec.json").exists():
-            with storage.atomic_directory(cache) as target:
-                shutil.copyfile(found, target / "generator.safetensors")
-                shutil.copyfile(found.parent / "spec.json", target / "spec.json")
-    return cache
 
 
 # --- promotion ----------------------------------------------------------------------------------
@@ -236,10 +124,6 @@ def _decide(client: Any, name: str, version: Any, evaluation: dict[str, Any], ta
 # --- registration -------------------------------------------------------------------------------
 
 def _signature(spec: NetworkSpec):
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-
     inputs = [ColSpec("long", "seed")] + ([ColSpec("long", "label")] if spec.conditional else [])
     if spec.is_image:
         c, h, w = spec.sample_shape
@@ -251,8 +135,6 @@ def _signature(spec: NetworkSpec):
 
 
 def _input_example(spec: NetworkSpec):
-    import pandas as pd
-
     example = {"seed": [0, 1]}
     if spec.conditional:
         example["label"] = [0, min(1, spec.num_classes - 1)]
@@ -260,17 +142,12 @@ def _input_example(spec: NetworkSpec):
 
 
 def _pip_requirements() -> list[str]:
-    import mlflow
-    import safetensors
-
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
             f"safetensors=={safetensors.__version__}", "numpy", "pandas"]
 
 
 def _existing_version(client: Any, name: str, weights_sha: str) -> Any | None:
     """Registering the same generator again (a retried task) returns its version, not a new one."""
-    from mlflow.exceptions import MlflowException
-
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
@@ -313,10 +190,6 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
                  ) -> dict[str, Any]:
     """Log and register the run's EMA generator, tag its lineage, apply the alias rule.
     `higher_is_better` overrides the metric directions of ganpipe.metrics.METRICS."""
-    from mlflow import MlflowClient
-
-    from ganpipe.metrics import METRICS
-
     run_dir = run_dir.resolve()
     if not runs.is_run_dir(run_dir):
         raise UserError(f"--run {run_dir}: not a ganpipe run directory")
@@ -358,8 +231,6 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
 
 
 def _current(client: Any, name: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -370,8 +241,6 @@ def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[st
                       generator_dir: Path, weights_sha: str) -> Any:
     """Log the pyfunc into the run's MLflow run (a new run when this store does not know it) and
     register it, tagged with its weights' sha256 from the start so a retry finds it."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "ganpipe_generator"
         package.mkdir()
@@ -397,8 +266,6 @@ def _log_version_artifacts(client: Any, version: Any, model: torch.nn.Module, sp
     client.log_dict(version.run_id, {"version": int(version.version), "alias": decision.alias,
                                      "reason": decision.reason}, f"{folder}/promotion.json")
     if spec.is_image:
-        from ganpipe.train import save_grid
-
         labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None
         with tempfile.TemporaryDirectory() as tmp:
             grid = Path(tmp) / "samples.png"

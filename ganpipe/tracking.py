@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from ganpipe import storage
+from ganpipe import runs, storage
+from ganpipe.config import Config
 
 # MLflow 3 sends usage telemetry to the internet unless told not to; ganpipe talks only to the
 # stores it is configured with. An explicit MLFLOW_DISABLE_TELEMETRY=false still wins.
@@ -112,3 +114,52 @@ def flow_run_id() -> str | None:
         return str(flow_run.id) if flow_run.id else None
     except Exception:  # noqa: BLE001 - outside a flow run there is simply none
         return None
+
+
+class MlflowLogger:
+    """Main-process MLflow logging into the run recorded in run.json (created on first use)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.run_id: str | None = None
+        if not enabled:
+            return
+        import mlflow  # deferred: seconds to import, and only the main process logs
+
+        self.mlflow = mlflow
+        info = runs.read_info(run_dir)
+        experiment = experiment_id(cfg.registry.name)
+        run = mlflow.start_run(run_id=info.get("mlflow_run_id"), experiment_id=experiment,
+                               run_name=run_dir.name)
+        self.run_id = run.info.run_id
+        if not info.get("mlflow_run_id"):
+            runs.update_info(run_dir, mlflow_run_id=self.run_id)
+            flat = _flatten(cfg.to_dict())
+            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            mlflow.set_tags({"ganpipe.data_fingerprint": info["data"]["fingerprint"],
+                             "ganpipe.config_hash": cfg.hash(), "ganpipe.run_dir": str(run_dir),
+                             "ganpipe.git_commit": git_commit() or "unknown",
+                             "ganpipe.flow_run_id": flow_run_id() or "none"})
+            mlflow.log_text(cfg.to_yaml(), "config.yaml")
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.enabled:
+            self.mlflow.log_metrics(values, step=step)
+
+    def artifact(self, path: Path, folder: str) -> None:
+        if self.enabled:
+            self.mlflow.log_artifact(str(path), folder)
+
+    def close(self, status: str) -> None:
+        if self.enabled:
+            self.mlflow.end_run(status=status)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

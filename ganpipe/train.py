@@ -21,81 +21,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
 from torch import nn
 
 from ganpipe import checkpoint, runs, storage
 from ganpipe.config import Config
-from ganpipe.data import PreparedData, open_prepared, to_model_space
-from ganpipe.errors import UserError
+from ganpipe.data import open_prepared, to_model_space
+from ganpipe.errors import Failure, UserError
+from ganpipe.generators import LoadedGenerator, label_weights
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
-from ganpipe.models import NetworkSpec, build_discriminator, build_generator, generate
+from ganpipe.metrics import EvalContext, evaluate
+from ganpipe.metrics.samples import GeneratedSamples, RealSamples
+from ganpipe.models import build_discriminator, build_generator, generate
+from ganpipe.previews import save_grid, save_scatter
+from ganpipe.recipe import BatchSampler, network_spec
+from ganpipe.tracking import MlflowLogger
+from ganpipe.workers import worker_main
 
 
-class Diverged(RuntimeError):
-    pass
-
-
-def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
-    """What to build, from the config and the prepared data. Bad combinations are UserErrors."""
-    m = cfg.model
-    if m.conditional and not data.classes:
-        raise UserError("model.conditional: the prepared data has no labels (set data.label_column)")
-    if m.family == "dcgan" and data.kind != "image":
-        raise UserError("model.family: dcgan needs image data; use mlp for data.kind: vector")
-    if m.pack > 1 and m.conditional:
-        raise UserError("model.pack: packing is for unconditional models")
-    d_norm = m.d_norm
-    if d_norm == "auto":
-        d_norm = "none" if m.spectral_norm or cfg.train.loss == "wgan_gp" or cfg.train.r1_gamma else "batch"
-    if m.family == "dcgan":
-        resolution = data.sample_shape[1]
-        if resolution < 8 or resolution & (resolution - 1):
-            raise UserError(f"data.resolution: DCGAN needs a power of two >= 8, got {resolution}")
-    mean, std = data.vector_stats if data.kind == "vector" else ((), ())
-    return NetworkSpec(
-        family=m.family, sample_shape=data.sample_shape, latent_dim=m.latent_dim,
-        num_classes=data.num_classes if m.conditional else 0, g_width=m.g_width, d_width=m.d_width,
-        mlp_layers=m.mlp_layers, g_conditioning=m.g_conditioning, d_conditioning=m.d_conditioning,
-        spectral_norm=m.spectral_norm, d_norm=d_norm, pack=m.pack,
-        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-        columns=tuple(data.meta.get("columns") or ()), classes=tuple(data.classes or ()))
-
-
-class BatchSampler:
-    """Global batches from a stream of seeded permutations, split across processes.
-
-    Its whole state is (epoch, cursor): a resumed run draws exactly the batches an uninterrupted
-    run would. Batches run across epoch boundaries, so a dataset smaller than a batch still works."""
-
-    def __init__(self, num_records: int, global_batch: int, seed: int, rank: int, world: int):
-        self.n, self.batch, self.seed, self.rank, self.world = num_records, global_batch, seed, rank, world
-        self.epoch, self.cursor = 0, 0
-        self._perm = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=generator).numpy()
-
-    def next_indices(self) -> np.ndarray:
-        parts, need = [], self.batch
-        while need:
-            take = min(need, self.n - self.cursor)
-            parts.append(self._perm[self.cursor:self.cursor + take])
-            self.cursor += take
-            need -= take
-            if self.cursor == self.n:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._perm = self._permutation(self.epoch)
-        global_indices = np.concatenate(parts)
-        local = self.batch // self.world
-        return global_indices[self.rank * local:(self.rank + 1) * local]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._perm = self._permutation(self.epoch)
+class Diverged(Failure):
+    """Non-finite losses or weights: training stops, naming the step and the last good checkpoint."""
 
 
 @dataclass
@@ -113,8 +59,6 @@ class Trainer:
     """Holds what one process needs for the loop; the updates are small methods below."""
 
     def __init__(self, cfg: Config, run_dir: Path):
-        from accelerate import Accelerator
-
         self.cfg, self.run_dir, t = cfg, run_dir, cfg.train
         self.accelerator = Accelerator(cpu=t.cpu or not torch.cuda.is_available(),
                                        mixed_precision=t.mixed_precision)
@@ -360,14 +304,9 @@ class Trainer:
         t = self.cfg.train
         if t.best_metric == "none" or not self.accelerator.is_main_process:
             return None
-        from ganpipe.evaluate import label_weights
-        from ganpipe.metrics import EvalContext, evaluate
-        from ganpipe.metrics.samples import GeneratedSamples, RealSamples
-        from ganpipe.registry import LoadedGenerator
-
         loaded = LoadedGenerator(self.nets.ema, self.spec, {})
         fake = GeneratedSamples(loaded, t.best_num_samples, self.cfg.seed + 1,
-                                label_weights(self.data, loaded), self.device)
+                                label_weights(self.data, self.spec), self.device)
         ctx = EvalContext(RealSamples(self.data, t.best_num_samples, self.cfg.seed), fake, bootstrap=0,
                           seed=self.cfg.seed)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
@@ -412,8 +351,6 @@ class Trainer:
         which one it is (`step`, `selected`, `score`) on the main process, None on the others."""
         if not self.accelerator.is_main_process:
             return None
-        from safetensors.torch import load_file, save_file
-
         weights = self.nets.ema.state_dict()
         chosen: dict[str, Any] = {"step": self.step, "selected": "last", "score": None}
         if self.cfg.train.final_generator == "best":
@@ -427,7 +364,7 @@ class Trainer:
                 chosen = {"step": meta["step"], "selected": "best", "score": meta.get("score")}
         target = runs.generator_dir(self.run_dir)
         with storage.atomic_directory(target) as tmp:
-            save_file(checkpoint._contiguous(weights), str(tmp / "generator.safetensors"))
+            checkpoint.save_weights(weights, tmp / "generator.safetensors")
             (tmp / "spec.json").write_text(json.dumps(self.spec.to_json(), indent=2))
             (tmp / "info.json").write_text(json.dumps({
                 **chosen, "data_fingerprint": self.data.fingerprint, "config_hash": self.cfg.hash()}, indent=2))
@@ -452,49 +389,6 @@ def _grad_norm(module: nn.Module) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    """uint8 NHWC -> one PNG grid, ceil(sqrt(N)) images a row with 2 black pixels between
-    (torchvision's make_grid layout, without importing torchvision: seconds on every CLI call)."""
-    from PIL import Image
-
-    array = images.numpy()
-    n, h, w, c = array.shape
-    columns = min(n, int(math.ceil(math.sqrt(n))))
-    rows, pad = int(math.ceil(n / columns)), 2
-    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
-    for i, image in enumerate(array):
-        y, x = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
-        grid[y:y + h, x:x + w] = image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)  # greyscale stays greyscale
-
-
-def save_scatter(samples: np.ndarray, real: np.ndarray, path: Path, size: int = 400) -> None:
-    """Generated points (black) over real ones (light blue), first two columns, to one PNG."""
-    from PIL import Image, ImageDraw
-
-    both = np.concatenate([samples[:, :2], real[:, :2]]) if samples.shape[1] > 1 else None
-    if both is None:  # one column: plot it against the sample index
-        samples = np.stack([np.arange(len(samples)), samples[:, 0]], axis=1)
-        real = np.stack([np.arange(len(real)), real[:, 0]], axis=1)
-        both = np.concatenate([samples, real])
-    low, high = np.nanpercentile(both, 0.5, axis=0), np.nanpercentile(both, 99.5, axis=0)
-    span = np.where(high > low, high - low, 1.0) * 1.1
-    centre = (high + low) / 2
-
-    def pixels(points: np.ndarray) -> np.ndarray:
-        scaled = (points[:, :2] - centre) / span + 0.5
-        return np.stack([scaled[:, 0] * size, (1 - scaled[:, 1]) * size], axis=1)
-
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    for colour, points in (((150, 190, 255), real), ((0, 0, 0), samples)):
-        for x, y in pixels(points):
-            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
 
 
 class Progress:
@@ -536,57 +430,6 @@ def _duration(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-class MlflowLogger:
-    """Main-process MLflow logging into the run recorded in run.json (created on first use)."""
-
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.run_id: str | None = None
-        if not enabled:
-            return
-        import mlflow
-
-        from ganpipe import tracking
-
-        self.mlflow = mlflow
-        info = runs.read_info(run_dir)
-        experiment = tracking.experiment_id(cfg.registry.name)
-        run = mlflow.start_run(run_id=info.get("mlflow_run_id"), experiment_id=experiment,
-                               run_name=run_dir.name)
-        self.run_id = run.info.run_id
-        if not info.get("mlflow_run_id"):
-            runs.update_info(run_dir, mlflow_run_id=self.run_id)
-            flat = _flatten(cfg.to_dict())
-            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-            mlflow.set_tags({"ganpipe.data_fingerprint": info["data"]["fingerprint"],
-                             "ganpipe.config_hash": cfg.hash(), "ganpipe.run_dir": str(run_dir),
-                             "ganpipe.git_commit": tracking.git_commit() or "unknown",
-                             "ganpipe.flow_run_id": tracking.flow_run_id() or "none"})
-            mlflow.log_text(cfg.to_yaml(), "config.yaml")
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.enabled:
-            self.mlflow.log_metrics(values, step=step)
-
-    def artifact(self, path: Path, folder: str) -> None:
-        if self.enabled:
-            self.mlflow.log_artifact(str(path), folder)
-
-    def close(self, status: str) -> None:
-        if self.enabled:
-            self.mlflow.end_run(status=status)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -672,19 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ganpipe.train RUN_DIR (normally started by `ganpipe train`)", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
-    from ganpipe.launch import report_worker_error, stop_with_launcher
-
-    stop_with_launcher()  # a rank must not outlive the process that launched it (even if SIGKILLed)
-    cfg = runs.load_run_config(run_dir)
-    try:
-        train(cfg, run_dir)
-    except UserError as exc:
-        report_worker_error(exc)
-        return 2
-    except Diverged as exc:
-        report_worker_error(exc)
-        return 1
-    return 0
+    return worker_main(lambda: train(runs.load_run_config(run_dir), run_dir))
 
 
 if __name__ == "__main__":

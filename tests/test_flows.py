@@ -30,8 +30,8 @@ from flows.pipeline import (
     training_pipeline,
 )
 from ganpipe.config import load_config
-from ganpipe.launch import process_running, training_processes
 from tests.conftest import TINY_DIGITS, write_config
+from tests.processes import process_running, training_processes
 
 # --- reading runs back through the Prefect client ------------------------------------------------
 # Explicit limit/offset/sort on every filter call keep these reads independent of how the API

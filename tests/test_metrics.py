@@ -12,6 +12,7 @@ import scipy.linalg
 import torch
 
 from ganpipe.errors import UserError
+from ganpipe.generators import LoadedGenerator
 from ganpipe.metrics.frechet import (
     distance_to_features,
     frechet_with_uncertainty,
@@ -24,7 +25,6 @@ from ganpipe.metrics.parallel import shard
 from ganpipe.metrics.precision_recall import precision_recall
 from ganpipe.metrics.samples import GeneratedSamples
 from ganpipe.models import NetworkSpec, build_generator
-from ganpipe.registry import LoadedGenerator
 
 
 def _two_feature_sets(n_real: int, n_fake: int, dims: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

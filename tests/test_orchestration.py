@@ -19,8 +19,8 @@ from uuid import UUID
 
 import pytest
 
-from ganpipe.launch import training_processes
 from tests.conftest import ROOT, TINY_DIGITS, free_port, last_json, run_cli, wait_for_http, write_config
+from tests.processes import training_processes
 from tests.test_flows import (
     alive,
     artifacts,

@@ -20,8 +20,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ganpipe import registry, storage
+from ganpipe.generators import load_generator
 from ganpipe.models import generate
-from ganpipe.registry import CHALLENGER, CHAMPION, decide_alias, load_generator, register_run
+from ganpipe.registry import CHALLENGER, CHAMPION, decide_alias, register_run
 from tests.conftest import last_json, run_cli
 
 # --- helpers shared by the registry tests ----------------------------------------------------------

@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 
 from ganpipe import checkpoint, cli, registry, storage
 from ganpipe.errors import UserError
-from ganpipe.registry import load_generator, register_run
+from ganpipe.generators import load_generator
+from ganpipe.registry import register_run
 from tests.conftest import error_lines
 from tests.test_registry import copy_run, mlflow_client
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from ganpipe import checkpoint
 from ganpipe.config import load_config
 from ganpipe.errors import UserError
-from ganpipe.train import BatchSampler, update_ema
+from ganpipe.recipe import BatchSampler
+from ganpipe.train import update_ema
 from tests.conftest import GANPIPE, TINY_DIGITS, error_lines, last_json, run_cli, write_config
 
 # --- units -------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_checkpoint_state_refuses_pickled_objects(tmp_path: Path) -> None:
 
 def test_bad_model_data_combinations_are_user_errors(tmp_path: Path) -> None:
     from ganpipe.data import ingest, open_prepared
-    from ganpipe.train import network_spec
+    from ganpipe.recipe import network_spec
 
     cfg = load_config(write_config(tmp_path / "c.yaml", TINY_DIGITS), ["data.label_column=null"])
     data = open_prepared(ingest(cfg.data).location)
@@ -355,7 +356,7 @@ def test_k_discriminator_steps_per_generator_step(tmp_path: Path) -> None:
 def test_sample_grid_helper(tmp_path: Path) -> None:
     from PIL import Image
 
-    from ganpipe.train import save_grid
+    from ganpipe.previews import save_grid
 
     save_grid(torch.full((4, 8, 8, 1), 200, dtype=torch.uint8), tmp_path / "g.png")
     grid = np.asarray(Image.open(tmp_path / "g.png"))

@@ -14,7 +14,7 @@ import torch
 
 from ganpipe.data import PreparedData
 from ganpipe.models import NetworkSpec, generate
-from ganpipe.registry import LoadedGenerator
+from ganpipe.generators import LoadedGenerator
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 

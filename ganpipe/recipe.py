@@ -1,0 +1,77 @@
+"""What a training run is made of, decided from the config and the prepared data before any
+process starts: the networks' spec and the order of the real batches. The launcher checks the
+spec before it starts workers; every training rank builds from the same two.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ganpipe.config import Config
+from ganpipe.data import PreparedData
+from ganpipe.errors import UserError
+from ganpipe.models import NetworkSpec
+
+
+def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
+    """What to build, from the config and the prepared data. Bad combinations are UserErrors."""
+    m = cfg.model
+    if m.conditional and not data.classes:
+        raise UserError("model.conditional: the prepared data has no labels (set data.label_column)")
+    if m.family == "dcgan" and data.kind != "image":
+        raise UserError("model.family: dcgan needs image data; use mlp for data.kind: vector")
+    if m.pack > 1 and m.conditional:
+        raise UserError("model.pack: packing is for unconditional models")
+    d_norm = m.d_norm
+    if d_norm == "auto":
+        d_norm = "none" if m.spectral_norm or cfg.train.loss == "wgan_gp" or cfg.train.r1_gamma else "batch"
+    if m.family == "dcgan":
+        resolution = data.sample_shape[1]
+        if resolution < 8 or resolution & (resolution - 1):
+            raise UserError(f"data.resolution: DCGAN needs a power of two >= 8, got {resolution}")
+    mean, std = data.vector_stats if data.kind == "vector" else ((), ())
+    return NetworkSpec(
+        family=m.family, sample_shape=data.sample_shape, latent_dim=m.latent_dim,
+        num_classes=data.num_classes if m.conditional else 0, g_width=m.g_width, d_width=m.d_width,
+        mlp_layers=m.mlp_layers, g_conditioning=m.g_conditioning, d_conditioning=m.d_conditioning,
+        spectral_norm=m.spectral_norm, d_norm=d_norm, pack=m.pack,
+        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+        columns=tuple(data.meta.get("columns") or ()), classes=tuple(data.classes or ()))
+
+
+class BatchSampler:
+    """Global batches from a stream of seeded permutations, split across processes.
+
+    Its whole state is (epoch, cursor): a resumed run draws exactly the batches an uninterrupted
+    run would. Batches run across epoch boundaries, so a dataset smaller than a batch still works."""
+
+    def __init__(self, num_records: int, global_batch: int, seed: int, rank: int, world: int):
+        self.n, self.batch, self.seed, self.rank, self.world = num_records, global_batch, seed, rank, world
+        self.epoch, self.cursor = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=generator).numpy()
+
+    def next_indices(self) -> np.ndarray:
+        parts, need = [], self.batch
+        while need:
+            take = min(need, self.n - self.cursor)
+            parts.append(self._perm[self.cursor:self.cursor + take])
+            self.cursor += take
+            need -= take
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        global_indices = np.concatenate(parts)
+        local = self.batch // self.world
+        return global_indices[self.rank * local:(self.rank + 1) * local]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._perm = self._permutation(self.epoch)
