@@ -41,7 +41,7 @@ from ganpipe.metrics.inception import (
     write_random_weights,
 )
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
-from ganpipe.models import NetworkSpec, build_generator
+from ganpipe.networks import NetworkSpec, build_generator
 from ganpipe.registry import LoadedGenerator, load_generator
 
 # torch-fidelity caches its statistics as numpy arrays: allow exactly what rebuilds those.

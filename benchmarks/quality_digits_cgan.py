@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks._common import ROOT, ganpipe
 from ganpipe.data.digits import recognition_rates
-from ganpipe.models import generate
+from ganpipe.networks import generate
 from ganpipe.registry import load_generator
 
 

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks._common import ROOT, ganpipe
 from ganpipe.data.gaussians import mode_quality
-from ganpipe.models import generate
+from ganpipe.networks import generate
 from ganpipe.registry import load_generator
 
 BASELINE = ["train.loss=minimax", "train.r1_gamma=0", "train.g_lr=0.0002", "train.d_lr=0.0002",

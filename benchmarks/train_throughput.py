@@ -24,7 +24,7 @@ from ganpipe.config import load_config
 from ganpipe.data import to_model_space
 from ganpipe.launch import prepare_run
 from ganpipe.losses import d_logistic, g_non_saturating
-from ganpipe.models import build_discriminator, build_generator
+from ganpipe.networks import build_discriminator, build_generator
 from ganpipe.train import Trainer
 
 

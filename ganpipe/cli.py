@@ -146,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from ganpipe import storage
     from ganpipe.export import row_seed, shard_table
-    from ganpipe.models import generate
+    from ganpipe.networks import generate
     from ganpipe.registry import load_generator
 
     out = Path(args.out)

@@ -44,7 +44,7 @@ import torch
 
 from ganpipe import storage
 from ganpipe.errors import UserError
-from ganpipe.models import NetworkSpec, generate
+from ganpipe.networks import NetworkSpec, generate
 from ganpipe.quality_gates import GateSettings, QualityGates, combine_summaries, prepare_gates
 from ganpipe.registry import LoadedGenerator, load_generator
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from ganpipe import checkpoint, runs, storage
 from ganpipe.errors import UserError
-from ganpipe.models import NetworkSpec, build_discriminator, pad_rows
+from ganpipe.networks import NetworkSpec, build_discriminator, pad_rows
 
 CALIBRATION_ROWS = 4096
 FIXED_ROWS = 256  # rows per forward pass / distance product, padded: results depend on the row alone

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from ganpipe import runs, storage, tracking
+from ganpipe import networks, runs, storage, tracking
 from ganpipe.errors import UserError
-from ganpipe.models import GENERATORS, NetworkSpec, build_generator, generate
+from ganpipe.networks import FAMILIES, NetworkSpec, build_generator, generate
 
 MODEL_ARTIFACT = "generator"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -59,7 +59,7 @@ def read_generator(folder: Path) -> tuple[torch.nn.Module, NetworkSpec, str]:
         spec = NetworkSpec.from_json(json.loads(spec_file.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"{spec_file}: not a ganpipe network spec ({exc})") from None
-    if spec.family not in GENERATORS:
+    if spec.family not in FAMILIES:
         raise UserError(f"{spec_file}: unknown network family {spec.family!r}")
     data = weights_file.read_bytes()
     try:
@@ -376,7 +376,12 @@ def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[st
         package = Path(tmp) / "ganpipe_generator"
         package.mkdir()
         (package / "__init__.py").write_text('"""ganpipe\'s networks, shipped with a registered generator."""\n')
-        shutil.copyfile(Path(__file__).with_name("models.py"), package / "networks.py")
+        # The networks package as `ganpipe_generator.networks`: the import path of versions registered
+        # when the networks were one file (networks.py), so a process holding both kinds of version
+        # (Python imports `ganpipe_generator` once) still finds what each one's mlflow_model.py imports.
+        (package / "networks").mkdir()
+        for source in sorted(Path(networks.__file__).parent.glob("*.py")):
+            shutil.copyfile(source, package / "networks" / source.name)
         experiment = tracking.experiment_id(cfg.registry.name)
         with mlflow.start_run(run_id=tracking.known_run(info.get("mlflow_run_id")), experiment_id=experiment,
                               run_name=run_dir.name):

@@ -28,7 +28,7 @@ from ganpipe.config import Config
 from ganpipe.data import PreparedData, open_prepared, to_model_space
 from ganpipe.errors import UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
-from ganpipe.models import NetworkSpec, build_discriminator, build_generator, generate
+from ganpipe.networks import NetworkSpec, build_discriminator, build_generator, generate
 
 
 class Diverged(RuntimeError):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ganpipe import checkpoint
 from ganpipe.errors import UserError
 from ganpipe.export import export, row_seed
-from ganpipe.models import build_discriminator, generate
+from ganpipe.networks import build_discriminator, generate
 from ganpipe.quality_gates import GateSettings
 from ganpipe.registry import load_generator
 from tests.test_export import image_bytes, pixels, read_rows

@@ -23,7 +23,7 @@ from ganpipe.metrics.kid import kid
 from ganpipe.metrics.parallel import shard
 from ganpipe.metrics.precision_recall import precision_recall
 from ganpipe.metrics.samples import GeneratedSamples
-from ganpipe.models import NetworkSpec, build_generator
+from ganpipe.networks import NetworkSpec, build_generator
 from ganpipe.registry import LoadedGenerator
 
 

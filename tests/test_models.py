@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ganpipe.models import (
+from ganpipe.networks import (
     NetworkSpec,
     build_discriminator,
     build_generator,

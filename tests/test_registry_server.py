@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ganpipe import registry, storage
-from ganpipe.models import generate
+from ganpipe.networks import generate
 from ganpipe.registry import load_generator, register_run
 from tests.conftest import MlflowServer, last_json, run_cli
 from tests.test_registry import copy_run, mlflow_client, run_without_ganpipe

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ganpipe.data import PreparedData
-from ganpipe.models import NetworkSpec, generate
+from ganpipe.networks import NetworkSpec, generate
 from ganpipe.registry import LoadedGenerator
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
