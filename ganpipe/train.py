@@ -25,10 +25,10 @@ from torch import nn
 
 from ganpipe import checkpoint, runs, storage
 from ganpipe.config import Config
-from ganpipe.data import PreparedData, open_prepared, to_model_space
+from ganpipe.data import PreparedData, open_prepared
 from ganpipe.errors import UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
-from ganpipe.networks import NetworkSpec, build_discriminator, build_generator, generate
+from ganpipe.networks import NetworkSpec, build_discriminator, build_generator, generate, to_network_space
 
 
 class Diverged(RuntimeError):
@@ -189,7 +189,7 @@ class Trainer:
     # --- data and noise ---------------------------------------------------------------------
     def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         raw, labels = self.data.gather(self.sampler.next_indices())
-        x = torch.from_numpy(to_model_space(raw, self.data))
+        x = to_network_space(torch.from_numpy(raw), self.spec)
         x = x.to(self.device, non_blocking=True)
         if self.spec.is_image:
             x = x.contiguous(memory_format=self.memory_format)
