@@ -39,7 +39,7 @@ def make_run(folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from ganpipe.models import NetworkSpec, build_generator
+    from ganpipe.networks import NetworkSpec, build_generator
 
     spec = NetworkSpec(family="dcgan", sample_shape=SHAPE, latent_dim=100)
     torch.manual_seed(0)
@@ -58,14 +58,14 @@ def measure(mode: str, run: Path, num_images: int, out: Path, num_processes: int
     started = time.perf_counter()
     if mode == "bare":
         from ganpipe.export import GENERATE_ROWS
-        from ganpipe.models import generate
+        from ganpipe.networks import generate
 
         for first in range(0, num_images, GENERATE_ROWS):
             generate(loaded.generator, loaded.spec, list(range(first, min(num_images, first + GENERATE_ROWS))))
     elif mode == "pil":
         from PIL import Image
 
-        from ganpipe.models import generate
+        from ganpipe.networks import generate
 
         out.mkdir(parents=True)
         for first in range(0, num_images, 256):

@@ -42,7 +42,7 @@ from ganpipe.metrics.inception import (
     write_random_weights,
 )
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
-from ganpipe.models import NetworkSpec, build_generator
+from ganpipe.networks import NetworkSpec, build_generator
 
 # torch-fidelity caches its statistics as numpy arrays: allow exactly what rebuilds those.
 NUMPY_ARRAYS = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, type(np.dtype(np.float32)),

@@ -17,7 +17,7 @@ import numpy as np
 from benchmarks._common import ROOT, ganpipe
 from ganpipe.data.digits import recognition_rates
 from ganpipe.generators import load_generator
-from ganpipe.models import generate
+from ganpipe.networks import generate
 
 
 def judge(run_dir: str, per_class: int) -> dict[int, float]:

@@ -20,7 +20,7 @@ import torch
 from benchmarks._common import ROOT, ganpipe
 from ganpipe.data.gaussians import mode_quality
 from ganpipe.generators import load_generator
-from ganpipe.models import generate
+from ganpipe.networks import generate
 
 BASELINE = ["train.loss=minimax", "train.r1_gamma=0", "train.g_lr=0.0002", "train.d_lr=0.0002",
             "train.betas=[0.5, 0.999]"]

@@ -27,7 +27,7 @@ def fake_run(root: Path, resolution: int, width: int) -> Path:
     """A run directory as `ganpipe train` leaves it, with an untrained generator and an evaluation."""
     from ganpipe import storage
     from ganpipe.config import Config
-    from ganpipe.models import NetworkSpec, build_generator
+    from ganpipe.networks import NetworkSpec, build_generator
 
     cfg = Config.model_validate({"data": {"source": "builtin:digits", "resolution": resolution},
                                  "model": {"g_width": width}, "register": {"name": "benchmark-generator"}})
@@ -67,7 +67,7 @@ def main() -> None:
 
         from ganpipe import tracking
         from ganpipe.generators import load_generator
-        from ganpipe.models import latents_for_seeds
+        from ganpipe.networks import latents_for_seeds
         from ganpipe.registry import register_run
 
         run = fake_run(Path(home), args.resolution, args.width)

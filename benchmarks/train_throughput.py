@@ -21,10 +21,9 @@ import time
 import torch
 
 from ganpipe.config import load_config
-from ganpipe.data import to_model_space
 from ganpipe.launch import prepare_run
 from ganpipe.losses import d_logistic, g_non_saturating
-from ganpipe.models import build_discriminator, build_generator
+from ganpipe.networks import build_discriminator, build_generator, to_network_space
 from ganpipe.train import Trainer
 
 
@@ -53,7 +52,7 @@ def time_plain(trainer: Trainer, steps: int, warmup: int, precision: str) -> flo
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     raw, _ = trainer.data.load_all()
-    images = torch.from_numpy(to_model_space(raw, trainer.data)).to(device)
+    images = to_network_space(torch.from_numpy(raw), spec).to(device)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
     def step() -> None:

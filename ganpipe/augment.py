@@ -42,7 +42,7 @@ from ganpipe.export import (
     remove_stale_scratch,
     scratch_dir,
 )
-from ganpipe.models import NetworkSpec
+from ganpipe.networks import NetworkSpec
 
 FORMAT_VERSION = 1
 

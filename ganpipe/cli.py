@@ -146,8 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from ganpipe import storage
     from ganpipe.export import row_seed, shard_table
-    from ganpipe.models import generate
     from ganpipe.generators import load_generator
+    from ganpipe.networks import generate
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npy", ".parquet"):

@@ -44,9 +44,9 @@ import torch
 
 from ganpipe import storage
 from ganpipe.errors import UserError
-from ganpipe.models import NetworkSpec, generate
-from ganpipe.quality_gates import GateSettings, QualityGates, combine_summaries, prepare_gates
 from ganpipe.generators import LoadedGenerator, load_generator
+from ganpipe.networks import NetworkSpec, generate
+from ganpipe.quality_gates import GateSettings, QualityGates, combine_summaries, prepare_gates
 
 FORMAT_VERSION = 2  # 2: metadata.parquet in image folders, quality gates, candidate rows per shard
 GENERATE_ROWS = 256  # rows per generated batch: the default (fixed) forward shape of models.generate

@@ -25,7 +25,7 @@ from safetensors.torch import load
 from ganpipe import runs, storage, tracking
 from ganpipe.data import PreparedData
 from ganpipe.errors import UserError
-from ganpipe.models import GENERATORS, NetworkSpec, build_generator
+from ganpipe.networks import FAMILIES, NetworkSpec, build_generator
 
 SHA_TAG = "ganpipe.generator_sha256"
 
@@ -52,7 +52,7 @@ def read_generator(folder: Path) -> tuple[torch.nn.Module, NetworkSpec, str]:
         spec = NetworkSpec.from_json(json.loads(spec_file.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"{spec_file}: not a ganpipe network spec ({exc})") from None
-    if spec.family not in GENERATORS:
+    if spec.family not in FAMILIES:
         raise UserError(f"{spec_file}: unknown network family {spec.family!r}")
     data = weights_file.read_bytes()
     try:

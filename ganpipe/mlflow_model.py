@@ -1,8 +1,10 @@
 """The registered generator, as MLflow "models from code".
 
-MLflow stores this file as the model's code and `ganpipe/models.py` beside it as the package
-`ganpipe_generator`; the weights travel as safetensors. Loading therefore needs `mlflow`, `torch`
-and `safetensors`, never ganpipe, and unpickles nothing.
+MLflow stores this file as the model's code and the package `ganpipe/networks` beside it as
+`ganpipe_generator.networks` (versions registered before it was a package carry a single
+`ganpipe_generator/networks.py`, and their own copy of this file); the weights travel as
+safetensors. Loading therefore needs `mlflow`, `torch` and `safetensors`, never ganpipe, and
+unpickles nothing.
 
 Input: a DataFrame with one row per sample: `seed` (int) and, for conditional models, `label`
 (int). Optional params: `truncation` (float > 0: latent values beyond it are redrawn from the

@@ -13,7 +13,7 @@
   example: listed (`report`), or listed and dropped (`drop`).
 
 A judgement depends on the row alone (fixed-shape forward passes and distance products, as in
-models.generate), so a gated export is exactly as reproducible as an ungated one. The gated rows,
+networks.generate), so a gated export is exactly as reproducible as an ungated one. The gated rows,
 with their reasons and scores, are returned to the export, which lists them in gated_rows.jsonl.
 """
 
@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from ganpipe import checkpoint, runs, storage
 from ganpipe.errors import UserError
-from ganpipe.models import NetworkSpec, build_discriminator, pad_rows
+from ganpipe.networks import NetworkSpec, build_discriminator, pad_rows, to_network_space
 
 CALIBRATION_ROWS = 4096
 FIXED_ROWS = 256  # rows per forward pass / distance product, padded: results depend on the row alone
@@ -128,16 +128,9 @@ def in_fixed_chunks(fn: Callable[..., np.ndarray], *tensors: torch.Tensor) -> np
     return np.concatenate(out) if out else np.empty(0)
 
 
-def to_network_input(samples: torch.Tensor, spec: NetworkSpec) -> torch.Tensor:
-    """User units -> what the discriminator saw in training: [-1, 1] NCHW images, standardised vectors."""
-    if spec.is_image:
-        return samples.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return (samples.float() - torch.tensor(spec.mean)) / torch.tensor(spec.std)
-
-
 def discriminator_scores(discriminator: torch.nn.Module, spec: NetworkSpec, samples: torch.Tensor,
                          labels: np.ndarray | None, device: torch.device | str) -> np.ndarray:
-    x = to_network_input(samples, spec)
+    x = to_network_space(samples, spec)  # the very transform training fed the discriminator with
 
     @torch.no_grad()
     def score(x: torch.Tensor, y: torch.Tensor | None = None) -> np.ndarray:

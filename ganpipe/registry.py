@@ -33,11 +33,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from ganpipe import runs, tracking
+from ganpipe import networks, runs, tracking
 from ganpipe.errors import UserError
 from ganpipe.generators import SHA_TAG, read_generator
 from ganpipe.metrics import METRICS
-from ganpipe.models import NetworkSpec, generate
+from ganpipe.networks import NetworkSpec, generate
 from ganpipe.previews import save_grid
 
 MODEL_ARTIFACT = "generator"
@@ -245,7 +245,12 @@ def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[st
         package = Path(tmp) / "ganpipe_generator"
         package.mkdir()
         (package / "__init__.py").write_text('"""ganpipe\'s networks, shipped with a registered generator."""\n')
-        shutil.copyfile(Path(__file__).with_name("models.py"), package / "networks.py")
+        # The networks package as `ganpipe_generator.networks`: the import path of versions registered
+        # when the networks were one file (networks.py), so a process holding both kinds of version
+        # (Python imports `ganpipe_generator` once) still finds what each one's mlflow_model.py imports.
+        (package / "networks").mkdir()
+        for source in sorted(Path(networks.__file__).parent.glob("*.py")):
+            shutil.copyfile(source, package / "networks" / source.name)
         experiment = tracking.experiment_id(cfg.registry.name)
         with mlflow.start_run(run_id=tracking.known_run(info.get("mlflow_run_id")), experiment_id=experiment,
                               run_name=run_dir.name):

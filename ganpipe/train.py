@@ -27,13 +27,13 @@ from torch import nn
 
 from ganpipe import checkpoint, runs, storage
 from ganpipe.config import Config
-from ganpipe.data import open_prepared, to_model_space
+from ganpipe.data import open_prepared
 from ganpipe.errors import Failure, UserError
 from ganpipe.generators import LoadedGenerator, label_weights
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
 from ganpipe.metrics import EvalContext, evaluate
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
-from ganpipe.models import build_discriminator, build_generator, generate
+from ganpipe.networks import build_discriminator, build_generator, generate, to_network_space
 from ganpipe.previews import save_grid, save_scatter
 from ganpipe.recipe import BatchSampler, network_spec
 from ganpipe.tracking import MlflowLogger
@@ -133,7 +133,7 @@ class Trainer:
     # --- data and noise ---------------------------------------------------------------------
     def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         raw, labels = self.data.gather(self.sampler.next_indices())
-        x = torch.from_numpy(to_model_space(raw, self.data))
+        x = to_network_space(torch.from_numpy(raw), self.spec)
         x = x.to(self.device, non_blocking=True)
         if self.spec.is_image:
             x = x.contiguous(memory_format=self.memory_format)

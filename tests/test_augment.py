@@ -17,7 +17,7 @@ from ganpipe.config import DataConfig
 from ganpipe.data import ingest, open_prepared
 from ganpipe.export import export
 from ganpipe.generators import load_generator
-from ganpipe.models import generate
+from ganpipe.networks import generate
 from tests.conftest import error_lines, last_json, run_cli
 from tests.test_export import pixels, read_rows
 

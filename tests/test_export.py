@@ -19,7 +19,7 @@ from PIL import Image
 from ganpipe.errors import UserError
 from ganpipe.export import encode_png, encode_pngs, export, row_seed
 from ganpipe.generators import load_generator
-from ganpipe.models import NetworkSpec, build_generator, generate
+from ganpipe.networks import NetworkSpec, build_generator, generate
 from tests.conftest import error_lines, last_json, run_cli
 
 

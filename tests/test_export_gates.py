@@ -19,7 +19,7 @@ from ganpipe import checkpoint
 from ganpipe.errors import UserError
 from ganpipe.export import export, row_seed
 from ganpipe.generators import load_generator
-from ganpipe.models import build_discriminator, generate
+from ganpipe.networks import build_discriminator, generate
 from ganpipe.quality_gates import GateSettings
 from tests.test_export import image_bytes, pixels, read_rows
 

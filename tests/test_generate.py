@@ -13,7 +13,7 @@ from PIL import Image
 from ganpipe import cli
 from ganpipe.export import row_seed
 from ganpipe.generators import load_generator
-from ganpipe.models import generate
+from ganpipe.networks import generate
 from ganpipe.registry import register_run
 from tests.conftest import error_lines, last_json, run_cli
 from tests.test_registry import copy_run

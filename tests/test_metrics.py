@@ -24,7 +24,7 @@ from ganpipe.metrics.kid import kid
 from ganpipe.metrics.parallel import shard
 from ganpipe.metrics.precision_recall import precision_recall
 from ganpipe.metrics.samples import GeneratedSamples
-from ganpipe.models import NetworkSpec, build_generator
+from ganpipe.networks import NetworkSpec, build_generator
 
 
 def _two_feature_sets(n_real: int, n_fake: int, dims: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,16 +1,25 @@
-"""Networks: shapes for every supported size, conditioning, spectral norm, packing, and seeded sampling."""
+"""Networks: shapes for every supported size, conditioning, spectral norm, packing, seeded sampling,\nthe map between data units and network space, and the package's independence from the rest of ganpipe."""
 
 from __future__ import annotations
 
+import ast
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from ganpipe.models import (
+from ganpipe import networks
+from ganpipe.networks import (
+    FAMILIES,
     NetworkSpec,
     build_discriminator,
     build_generator,
+    from_network_space,
     generate,
     latents_for_seeds,
+    to_network_space,
 )
 
 
@@ -92,3 +101,61 @@ def test_generate_outputs_user_units() -> None:
     raw = G(latents_for_seeds([1], 4))
     out = generate(G, vector_spec, [1])
     assert torch.allclose(out, raw * torch.tensor([2.0, 0.5]) + torch.tensor([10.0, -5.0]), atol=1e-5)
+
+
+# One small spec per family: a family added to FAMILIES needs one here too.
+FAMILY_EXAMPLES = {
+    "dcgan": NetworkSpec("dcgan", (3, 16, 16), latent_dim=8, num_classes=3, g_width=4, d_width=4),
+    "mlp": NetworkSpec("mlp", (5,), latent_dim=4, g_width=8, d_width=8),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_builds_through_the_one_builder(family: str) -> None:
+    spec = FAMILY_EXAMPLES[family]
+    generator_class, discriminator_class = FAMILIES[family]
+    G, D = build_generator(spec), build_discriminator(spec)
+    assert type(G) is generator_class and type(D) is discriminator_class
+    labels = torch.arange(4) % spec.num_classes if spec.conditional else None
+    samples = G(torch.randn(4, spec.latent_dim), labels)
+    assert samples.shape == (4, *spec.sample_shape) and D(samples, labels).shape == (4,)
+    assert set(FAMILY_EXAMPLES) == set(FAMILIES)
+
+
+def test_unknown_family_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown network family 'nope'"):
+        build_generator(NetworkSpec("nope", (2,), latent_dim=2))
+
+
+def test_network_package_imports_only_itself_torch_and_numpy() -> None:
+    """Registered models ship ganpipe/networks as their code: it must load without ganpipe."""
+    package = Path(networks.__file__).parent
+    sources = sorted(package.glob("*.py"))
+    assert len(sources) > 2
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1, f"{source.name}: imports from outside the package"
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                root = name.split(".")[0]
+                assert root in {"torch", "numpy", "__future__"} or root in sys.stdlib_module_names, \
+                    f"{source.name} imports {name}"
+
+
+def test_network_space_round_trips() -> None:
+    images = torch.randint(0, 256, (3, 8, 8, 2), dtype=torch.uint8)
+    image_spec = NetworkSpec("dcgan", (2, 8, 8), latent_dim=2)
+    x = to_network_space(images, image_spec)
+    assert x.dtype == torch.float32 and x.shape == (3, 2, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(from_network_space(x, image_spec), images)
+    vector_spec = NetworkSpec("mlp", (2,), latent_dim=2, mean=(10.0, -5.0), std=(2.0, 0.5))
+    vectors = torch.tensor([[10.0, -5.0], [12.0, -4.5]])
+    assert torch.equal(to_network_space(vectors, vector_spec), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    assert torch.allclose(from_network_space(to_network_space(vectors, vector_spec), vector_spec), vectors)
+    # Training reads numpy rows: the same bits as the float32 numpy arithmetic it replaced.
+    rows = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 2), dtype=np.uint8)
+    expected = rows.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    assert np.array_equal(to_network_space(torch.from_numpy(rows), image_spec).numpy(), expected)

@@ -19,9 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ganpipe import registry, storage
+from ganpipe import networks, registry, storage
 from ganpipe.generators import load_generator
-from ganpipe.models import generate
+from ganpipe.networks import generate
 from ganpipe.registry import CHALLENGER, CHAMPION, decide_alias, register_run
 from tests.conftest import last_json, run_cli
 
@@ -347,7 +347,9 @@ def test_load_by_alias_in_a_fresh_process(tiny_run: Path, tiny_conditional_run: 
     from ganpipe import tracking
 
     report = run_without_ganpipe(FRESH_PROCESS, tracking.tracking_uri(), str(arrays), cwd=tmp_path)
-    assert report["modules"] == ["ganpipe_generator", "ganpipe_generator.networks"]
+    shipped = [f"ganpipe_generator.networks.{p.stem}" for p in Path(networks.__file__).parent.glob("*.py")
+               if p.stem != "__init__"]
+    assert report["modules"] == sorted(["ganpipe_generator", "ganpipe_generator.networks", *shipped])
     assert "outside 0..9" in report["errors"]["label_out_of_range"]
     assert report["errors"]["label_missing"] is not None and "label" in report["errors"]["label_missing"]
 

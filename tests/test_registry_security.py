@@ -92,11 +92,12 @@ def test_registered_model_holds_only_ganpipe_code_and_refuses_tampering(tiny_run
     register_run(run)
     model_dir = Path(mlflow.artifacts.download_artifacts("models:/tiny-digits/1", dst_path=str(tmp_path / "dl")))
     files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
-    # The only code is ganpipe's: the pyfunc module and the networks, byte for byte.
+    # The only code is ganpipe's: the pyfunc module and the networks package, byte for byte.
+    shipped = {f"code/ganpipe_generator/networks/{p.name}": p for p in (GANPIPE / "networks").glob("*.py")}
     assert {f for f in files if f.endswith(".py")} == \
-        {"mlflow_model.py", "code/ganpipe_generator/__init__.py", "code/ganpipe_generator/networks.py"}
+        {"mlflow_model.py", "code/ganpipe_generator/__init__.py", *shipped}
     assert (model_dir / "mlflow_model.py").read_bytes() == (GANPIPE / "mlflow_model.py").read_bytes()
-    assert (model_dir / "code/ganpipe_generator/networks.py").read_bytes() == (GANPIPE / "models.py").read_bytes()
+    assert all((model_dir / f).read_bytes() == source.read_bytes() for f, source in shipped.items())
     # Nothing pickled: weights are safetensors, the rest is text; MLflow loads it as code.
     assert {Path(f).suffix for f in files} <= {".py", ".json", ".yaml", ".txt", ".safetensors", ""}
     assert {f for f in files if Path(f).suffix == ""} == {"MLmodel", "registered_model_meta"}

@@ -12,7 +12,7 @@ import pytest
 
 from ganpipe import registry, storage
 from ganpipe.generators import load_generator
-from ganpipe.models import generate
+from ganpipe.networks import generate
 from ganpipe.registry import register_run
 from tests.conftest import MlflowServer, last_json, run_cli
 from tests.test_registry import copy_run, mlflow_client, run_without_ganpipe

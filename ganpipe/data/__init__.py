@@ -1,6 +1,6 @@
 """Data: open sources (sources), validate and prepare them once (ingest), read them fast (prepared)."""
 
 from ganpipe.data.ingest import IngestResult, ingest
-from ganpipe.data.prepared import PreparedData, open_prepared, to_model_space
+from ganpipe.data.prepared import PreparedData, open_prepared
 
-__all__ = ["IngestResult", "PreparedData", "ingest", "open_prepared", "to_model_space"]
+__all__ = ["IngestResult", "PreparedData", "ingest", "open_prepared"]

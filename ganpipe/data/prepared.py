@@ -1,4 +1,5 @@
-"""Read prepared data: memory-mapped shards, gathered by index, scaled for the networks."""
+"""Read prepared data: memory-mapped shards, gathered by index (in data units: ganpipe.networks.space
+maps them to network space)."""
 
 from __future__ import annotations
 
@@ -92,14 +93,6 @@ class PreparedData:
     @property
     def vector_stats(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.meta["mean"], dtype=np.float32), np.asarray(self.meta["std"], dtype=np.float32)
-
-
-def to_model_space(raw: np.ndarray, data: PreparedData) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW in [-1, 1]; vectors -> standardised float32."""
-    if data.kind == "image":
-        return raw.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
-    mean, std = data.vector_stats
-    return (raw - mean) / std
 
 
 def open_prepared(location: str, endpoint_url: str | None = None) -> PreparedData:

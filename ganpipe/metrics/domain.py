@@ -20,6 +20,7 @@ from torch import nn
 
 from ganpipe import storage
 from ganpipe.data import PreparedData
+from ganpipe.networks import images_to_network_space, vectors_to_network_space
 
 FEATURES = 128
 VERSION = 2  # bump when the architecture or the training recipe changes
@@ -55,11 +56,6 @@ class Decoder(nn.Module):
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         return self.net(code)
-
-
-def _to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 BATCH = 128
@@ -100,14 +96,16 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     """A Classifier trained on uint8 NHWC `images`; deterministic for a seed. Returns it and its last loss."""
     torch.manual_seed(seed)
     model = Classifier(images.shape[-1], images.shape[1], num_classes)
-    loss = fit([model], lambda idx: nn.functional.cross_entropy(model(_to_input(images[idx])), labels[idx]),
+    loss = fit([model], lambda idx: nn.functional.cross_entropy(model(images_to_network_space(images[idx])),
+                                                                labels[idx]),
                len(images), steps, seed)
     return model.eval(), loss
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    predictions = torch.cat([model(_to_input(images[i:i + 512])).argmax(1) for i in range(0, len(images), 512)])
+    predictions = torch.cat([model(images_to_network_space(images[i:i + 512])).argmax(1)
+                             for i in range(0, len(images), 512)])
     return float((predictions == labels).float().mean())
 
 
@@ -128,7 +126,7 @@ def _train(data: PreparedData, seed: int = 0) -> tuple[Encoder, dict]:
         encoder, decoder = Encoder(channels, resolution), Decoder(channels, resolution)
 
         def reconstruction_loss(idx: torch.Tensor) -> torch.Tensor:
-            x = _to_input(x_all[idx])
+            x = images_to_network_space(x_all[idx])
             target = nn.functional.avg_pool2d(x, encoder.pool) if encoder.pool > 1 else x
             return nn.functional.mse_loss(decoder(encoder(x)), target)
 
@@ -173,5 +171,5 @@ class DomainFeatures:
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         if self.encoder is None:
-            return ((batch.float() - self.mean) / self.std).numpy()
-        return self.encoder(_to_input(batch)).numpy()
+            return vectors_to_network_space(batch, self.mean, self.std).numpy()
+        return self.encoder(images_to_network_space(batch)).numpy()

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ganpipe.data import PreparedData
-from ganpipe.models import NetworkSpec, generate
 from ganpipe.generators import LoadedGenerator
+from ganpipe.networks import NetworkSpec, generate
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 

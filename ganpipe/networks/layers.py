@@ -1,0 +1,45 @@
+"""Building blocks shared by the network families: conditional batch norm, label embeddings,
+optional spectral norm and PacGAN packing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Batch norm whose scale and shift are looked up per class (conditional BN, as in BigGAN)."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Embedding(num_classes, channels)
+        self.bias = nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.gain(labels)[:, :, None, None] + self.bias(labels)[:, :, None, None]
+
+
+def label_embedding_dim(num_classes: int) -> int:
+    """Width of a generator's label embedding: enough to tell the classes apart, at most 64."""
+    return min(64, max(8, num_classes))
+
+
+def spectral_norm_if(enabled: bool) -> Callable[[nn.Module], nn.Module]:
+    """`spectral_norm` when enabled, else the identity: wrap each layer in the returned function.
+    (torch's parametrization, so the weights' state_dict keys are torch's `parametrizations.weight.*`.)"""
+    return spectral_norm if enabled else (lambda module: module)
+
+
+def pack(x: torch.Tensor, group: int) -> torch.Tensor:
+    """PacGAN: judge `group` samples at once, so a collapsed generator is easier to spot."""
+    if group == 1:
+        return x
+    if x.shape[0] % group:
+        raise ValueError(f"batch of {x.shape[0]} is not divisible by model.pack={group}")
+    return x.reshape(x.shape[0] // group, group * x.shape[1], *x.shape[2:])

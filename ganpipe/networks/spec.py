@@ -1,0 +1,45 @@
+"""NetworkSpec: everything needed to rebuild a network around its saved weights, as plain JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    family: str  # a key of ganpipe.networks.FAMILIES: mlp | dcgan
+    sample_shape: tuple[int, ...]  # (C, H, W) for images, (D,) for vectors
+    latent_dim: int
+    num_classes: int = 0  # 0: unconditional
+    g_width: int = 64
+    d_width: int = 64
+    mlp_layers: int = 3
+    g_conditioning: str = "embedding"  # embedding | cbn
+    d_conditioning: str = "projection"  # projection | concat
+    spectral_norm: bool = False
+    d_norm: str = "batch"  # batch | none
+    pack: int = 1
+    # For vector data: the statistics that map the generator's standardised output back to data units.
+    mean: tuple[float, ...] = field(default_factory=tuple)
+    std: tuple[float, ...] = field(default_factory=tuple)
+    columns: tuple[str, ...] = field(default_factory=tuple)
+    classes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.sample_shape) == 3
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NetworkSpec:
+        """The spec in a spec.json (lists back to tuples). A key this version does not know is an
+        error, not ignored: weights are never rebuilt around a shape they were not trained for."""
+        tuples = {"sample_shape", "mean", "std", "columns", "classes"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
