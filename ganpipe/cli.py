@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ganpipe.errors import Failure, StageError, UserError
+from ganpipe.errors import EvaluationFailed, Failure, StageError, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -106,10 +106,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if results and all(r.get("value") is None for r in results.values()):
         raise EvaluationFailed("no metric could be computed: " +
                                "; ".join(f"{name}: {r.get('error')}" for name, r in results.items()))
-
-
-class EvaluationFailed(RuntimeError):
-    pass
 
 
 def cmd_register(args: argparse.Namespace) -> None:
