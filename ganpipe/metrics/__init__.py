@@ -36,7 +36,6 @@ from ganpipe.metrics.parallel import gather_rows, shard
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 
 Samples = RealSamples | GeneratedSamples
-FID_RELIABLE_SAMPLES = 2048  # below this the 2048-d covariance is rank-deficient
 
 
 class MetricUnavailable(RuntimeError):
