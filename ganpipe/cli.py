@@ -1,4 +1,4 @@
-"""`ganpipe`: the command line of ../shared/CONTRACT.md.
+"""`ganpipe`: the command line of docs/contract.md.
 
 Exit codes: 0 success; 2 bad input (one `error:` line naming the file, key or row); 1 any other
 failure. `--json` makes the last line of stdout one JSON object. GANPIPE_DEBUG=1 shows tracebacks.
