@@ -35,14 +35,13 @@ from ganpipe.config import DataConfig
 from ganpipe.data import ingest, open_prepared
 from ganpipe.generators import LoadedGenerator, load_generator
 from ganpipe.metrics import EvalContext, evaluate
-from ganpipe.metrics.inception import (
-    WeightsMissing,
-    resolve_weights,
-    weights_only_loads,
-    write_random_weights,
-)
+from ganpipe.metrics.inception import WeightsMissing, resolve_weights, weights_only_loads
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 from ganpipe.networks import NetworkSpec, build_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file (python benchmarks/fid_speed.py): the repository's tests/ too
+from tests.fixtures import write_random_weights  # noqa: E402
 
 # torch-fidelity caches its statistics as numpy arrays: allow exactly what rebuilds those.
 NUMPY_ARRAYS = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, type(np.dtype(np.float32)),

@@ -11,7 +11,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import (
-    EvaluationFailed,
     _config,
     champion_uri,
     metrics_markdown,
@@ -19,6 +18,7 @@ from flows.pipeline import (
     resolve_model_task,
     run_stage,
 )
+from ganpipe.errors import EvaluationFailed
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)

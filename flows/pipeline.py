@@ -23,12 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ganpipe import storage, tracking
 from ganpipe.config import Config, load_config
-from ganpipe.errors import StageError, UserError
-
-
-class EvaluationFailed(RuntimeError):
-    """Evaluation gave no value for the metric that matters (the promotion metric in the pipeline,
-    any metric in the evaluation flow)."""
+from ganpipe.errors import EvaluationFailed, StageError, UserError
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

@@ -1,4 +1,4 @@
-"""`ganpipe`: the command line of ../shared/CONTRACT.md.
+"""`ganpipe`: the command line of docs/contract.md.
 
 Exit codes: 0 success; 2 bad input (one `error:` line naming the file, key or row); 1 any other
 failure. `--json` makes the last line of stdout one JSON object. GANPIPE_DEBUG=1 shows tracebacks.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ganpipe.errors import Failure, StageError, UserError
+from ganpipe.errors import EvaluationFailed, Failure, StageError, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -106,10 +106,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if results and all(r.get("value") is None for r in results.values()):
         raise EvaluationFailed("no metric could be computed: " +
                                "; ".join(f"{name}: {r.get('error')}" for name, r in results.items()))
-
-
-class EvaluationFailed(RuntimeError):
-    pass
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -219,11 +215,27 @@ def cmd_augment(args: argparse.Namespace) -> None:
                          f"manifest: {result['manifest']}"])
 
 
+PREFECT_DEFAULTS = {
+    # Without PREFECT_API_URL, Prefect starts a temporary local API. Its 20 s start-up limit is too
+    # tight for a busy laptop or CI box.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # That temporary API's telemetry service writes a session row into its fresh sqlite database
+    # while the server is still migrating it: "database is locked", and a long traceback at the top
+    # of every run. ganpipe sends nothing to the internet anyway.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def set_prefect_defaults() -> None:
+    """ganpipe's defaults for Prefect, set before Prefect is imported (it reads its settings then,
+    and its temporary server inherits this environment); the user's own settings win."""
+    for variable, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(variable, value)
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     _load(args)  # bad input is exit 2 before Prefect starts
-    # Without PREFECT_API_URL, Prefect starts a temporary local API. Its 20 s start-up limit is too
-    # tight for a busy laptop or CI box; the user's own setting still wins.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    set_prefect_defaults()
     from flows.pipeline import training_pipeline
 
     summary = training_pipeline(config_path=str(args.config), overrides=list(args.overrides))
@@ -246,6 +258,7 @@ def pipeline_summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
+    set_prefect_defaults()  # without PREFECT_API_URL, deploying starts the temporary API too
     from flows.deploy import deploy
 
     cfg = _load(args) if args.config else None

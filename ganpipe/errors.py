@@ -15,6 +15,11 @@ class Failure(Exception):
     """A failure whose message already says what went wrong (exit 1, printed as is)."""
 
 
+class EvaluationFailed(Failure):
+    """Evaluation gave no value for the metric that matters: any metric for `ganpipe evaluate` and
+    the evaluation flow, the promotion metric in the pipeline (which then registers nothing)."""
+
+
 class StageError(Exception):
     """A pipeline stage failed; carries the stage name so flows can report it."""
 

@@ -14,6 +14,9 @@ from ganpipe.config import Config
 # MLflow 3 sends usage telemetry to the internet unless told not to; ganpipe talks only to the
 # stores it is configured with. An explicit MLFLOW_DISABLE_TELEMETRY=false still wins.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow draws a progress bar for every artifact download (a model load, a registration's
+# validation): a few per pipeline run, cluttering its log. An explicit setting still wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def tracking_uri() -> str:

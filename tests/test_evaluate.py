@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ganpipe.metrics.inception import write_random_weights
 from tests.conftest import error_lines, last_json, run_cli
+from tests.fixtures import write_random_weights
 
 pytestmark = pytest.mark.slow
 

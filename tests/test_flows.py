@@ -23,13 +23,13 @@ from prefect import flow
 from flows.evaluation import evaluation_flow
 from flows.export import export_flow
 from flows.pipeline import (
-    EvaluationFailed,
     ingest_task,
     require_primary_metric,
     train_task,
     training_pipeline,
 )
 from ganpipe.config import load_config
+from ganpipe.errors import EvaluationFailed
 from tests.conftest import TINY_DIGITS, write_config
 from tests.processes import process_running, training_processes
 

@@ -1,6 +1,6 @@
 """Resolve any `data.source`, fingerprint its content cheaply, and open it as a Hugging Face dataset.
 
-Sources (../shared/CONTRACT.md): a hub id (`user/name`), a local `save_to_disk` folder, parquet or
+Sources (docs/contract.md): a hub id (`user/name`), a local `save_to_disk` folder, parquet or
 CSV files (a file, a glob or a folder of them), an image folder (labels from subfolder names),
 `s3://bucket/prefix` holding parquet files or an image folder, and `builtin:digits`
 (scikit-learn's digits, written once as a local `save_to_disk` folder).

@@ -54,15 +54,6 @@ def trace_sqrt_product(r: np.ndarray, sigma2: np.ndarray | None = None, f: np.nd
     return float(np.sqrt(np.clip(values, 0, None)).sum())
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     sqrt_sigma1: np.ndarray | None = None) -> float:
-    if sqrt_sigma1 is None:
-        sqrt_sigma1 = _psd_sqrt(sigma1)
-    diff = mu1 - mu2
-    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sqrt_sigma1, sigma2)
-    return float(max(value, 0.0))
-
-
 def distance_to_features(mu_ref: np.ndarray, sigma_ref: np.ndarray, r: np.ndarray, features: np.ndarray) -> float:
     """FD between the reference Gaussian (mean, covariance, factor r) and the one fitted to `features`."""
     mu, f = centred_factor(features)

@@ -14,7 +14,6 @@ torchmetrics or pytorch-fid download would have filled ($TORCH_HOME/hub/checkpoi
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,42 +112,3 @@ class InceptionFeatures:
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             out.append(self.network(x.contiguous())[0].float().cpu())
         return torch.cat(out).numpy()
-
-
-# --- a stand-in weights file, for tests and benchmarks on machines without the real one -----------
-
-def write_random_weights(path: Path, seed: int = 0, calibration_images: int = 4) -> Path:
-    """A weights file in the exact layout of the FID weights, with random values that keep features
-    alive through the network's depth: He-normal convolutions, and batch-norm statistics measured
-    on random images so every layer's output is normalised (the default initialisation decays to
-    near-zero features and a meaningless FID of 0). Not a substitute for the real weights."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class _Layout(FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # noqa: ANN002,ANN003 - build the modules, load nothing
-            return None
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    empty = path.with_suffix(".empty.pth")
-    torch.save({}, empty)
-    network = _Layout("inception-v3-compat", [str(FEATURES)], feature_extractor_weights_path=str(empty))
-    empty.unlink()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
-            elif isinstance(module, nn.BatchNorm2d):
-                module.reset_running_stats()
-                module.momentum = None  # cumulative average: one batch sets the statistics exactly
-            elif isinstance(module, nn.Linear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / math.sqrt(module.in_features))
-                module.bias.zero_()
-        network.float().train()
-        network((torch.rand(calibration_images, 3, 64, 64, generator=generator) * 255).to(torch.uint8))
-    state = {k: v.contiguous() for k, v in network.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
