@@ -29,6 +29,7 @@ from ganpipe.data import PreparedData, open_prepared, to_model_space
 from ganpipe.errors import UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
 from ganpipe.models import NetworkSpec, build_discriminator, build_generator, generate
+from ganpipe.progress import Progress, duration
 
 
 class Diverged(RuntimeError):
@@ -497,45 +498,11 @@ def save_scatter(samples: np.ndarray, real: np.ndarray, path: Path, size: int = 
     image.save(path)
 
 
-class Progress:
-    """A tqdm bar on a terminal; plain lines (for logs and Prefect) otherwise."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.enabled, self.total = enabled, total
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-        self.started, self.start_step = time.time(), start
-
-    def update(self, step: int, metrics: dict[str, float] | None) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            if metrics:
-                self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("d_loss", "g_loss") if k in metrics})
-            return
-        if metrics is None:
-            return
-        elapsed = time.time() - self.started
-        rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("d_loss", "g_loss", "d_real", "d_fake", "images_per_sec")
-                         if k in metrics)
-        print(f"step {step}/{self.total} {shown} eta={_duration(eta)}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def training_line(progress: Progress, metrics: dict[str, float] | None) -> str:
+    """`step N/M d_loss=... eta=H:MM:SS`: the flow's TrainingProgress parses these lines."""
+    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("d_loss", "g_loss", "d_real", "d_fake", "images_per_sec")
+                     if metrics and k in metrics)
+    return f"step {progress.position}/{progress.total} {shown} eta={duration(progress.eta())}"
 
 
 class MlflowLogger:
@@ -595,7 +562,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     acc = trainer.accelerator
     main = acc.is_main_process
     logger = MlflowLogger(cfg, run_dir, enabled=main)
-    progress = Progress(t.steps, trainer.step, enabled=main)
+    progress = Progress(t.steps, "train", "step", training_line, enabled=main, start=trainer.step,
+                        bar_keys=("d_loss", "g_loss"))
     if trainer.resumed_from is not None and main:
         print(f"resumed from step {trainer.resumed_from}", file=sys.stderr, flush=True)
     window_start, window_step = time.time(), trainer.step
@@ -618,7 +586,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 metrics["d_lr"] = trainer.nets.opt_d.param_groups[0]["lr"]
                 window_start, window_step = time.time(), step
                 logger.metrics(metrics, step)
-            progress.update(step, metrics)
+            progress.move_to(step, metrics)
             if step % t.sample_every == 0 or step == t.steps:
                 grid = trainer.preview()
                 if grid is not None:

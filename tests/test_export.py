@@ -16,10 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from ganpipe.config import ExportConfig
 from ganpipe.errors import UserError
-from ganpipe.export import encode_png, encode_pngs, export, row_seed
+from ganpipe.export import export
 from ganpipe.models import NetworkSpec, build_generator, generate
 from ganpipe.registry import load_generator
+from ganpipe.shards import encode_png, encode_pngs
+from ganpipe.synthetic_rows import row_seed
 from tests.conftest import error_lines, last_json, run_cli
 
 
@@ -71,7 +74,8 @@ def test_png_encoding_is_lossless_and_per_image() -> None:
 def test_parquet_export_has_exact_counts_loads_with_features_and_regenerates(
         tiny_conditional_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "synthetic"
-    result = export(str(tiny_conditional_run), 300, str(out), shard_size=128, seed=0, progress=False)
+    result = export(str(tiny_conditional_run), ExportConfig(num_images=300, out=str(out), shard_size=128, seed=0),
+                    progress=False)
     assert result["num_images"] == 300 and result["num_shards"] == 3 and result["shards_written"] == 3
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["rows"] for s in manifest["shards"]] == [128, 128, 44]
@@ -117,8 +121,8 @@ def test_parquet_export_has_exact_counts_loads_with_features_and_regenerates(
 def test_class_balance_and_explicit_counts_are_exact_and_imagefolder_round_trips(
         tiny_conditional_run: Path, tmp_path: Path) -> None:
     folder = tmp_path / "balanced"
-    result = export(str(tiny_conditional_run), 50, str(folder), fmt="imagefolder", shard_size=20,
-                    class_balance=True, progress=False)
+    result = export(str(tiny_conditional_run), ExportConfig(num_images=50, out=str(folder), format="imagefolder",
+                                                            shard_size=20, class_balance=True), progress=False)
     assert result["per_class_counts"] == {str(d): 5 for d in range(10)}
     assert sorted(p.name for p in (folder / "train").iterdir()) == ["00000", "00001", "00002"]
     rows = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
@@ -132,15 +136,18 @@ def test_class_balance_and_explicit_counts_are_exact_and_imagefolder_round_trips
     assert all((np.asarray(by_index[i]["image"])[:, :, None] == again[i].numpy()).all() for i in range(50))
 
     counted = tmp_path / "counted"
-    result = export(str(tiny_conditional_run), 20, str(counted), class_counts={"3": 7, "5": 13}, progress=False)
+    result = export(str(tiny_conditional_run), ExportConfig(num_images=20, out=str(counted),
+                                                            class_counts={"3": 7, "5": 13}), progress=False)
     rows = datasets.load_dataset("parquet", data_files=str(counted / "data/*.parquet"), split="train")
     assert np.bincount(np.asarray(rows["label"]), minlength=10).tolist() == [0, 0, 0, 7, 0, 13, 0, 0, 0, 0]
     assert result["per_class_counts"]["3"] == 7 and result["per_class_counts"]["5"] == 13
 
     with pytest.raises(UserError, match="add up to 19"):
-        export(str(tiny_conditional_run), 20, str(tmp_path / "x"), class_counts={"3": 7, "5": 12}, progress=False)
+        export(str(tiny_conditional_run), ExportConfig(num_images=20, out=str(tmp_path / "x"),
+                                                       class_counts={"3": 7, "5": 12}), progress=False)
     with pytest.raises(UserError, match="unknown class"):
-        export(str(tiny_conditional_run), 20, str(tmp_path / "y"), class_counts={"cat": 20}, progress=False)
+        export(str(tiny_conditional_run), ExportConfig(num_images=20, out=str(tmp_path / "y"),
+                                                       class_counts={"cat": 20}), progress=False)
 
 
 def test_cli_reports_progress_and_rejects_bad_input(tiny_run: Path, tmp_path: Path) -> None:
@@ -178,7 +185,7 @@ def test_export_to_s3_round_trips_and_resumes(tiny_run: Path, s3: tuple[str, str
 
     endpoint, bucket = s3
     uri = f"s3://{bucket}/synthetic/v1"
-    result = export(str(tiny_run), 100, uri, shard_size=40, progress=False)
+    result = export(str(tiny_run), ExportConfig(num_images=100, out=uri, shard_size=40), progress=False)
     assert result["num_images"] == 100 and result["shards_written"] == 3
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     manifest = json.loads(fs.cat_file(f"{bucket}/synthetic/v1/manifest.json"))
@@ -193,10 +200,12 @@ def test_export_to_s3_round_trips_and_resumes(tiny_run: Path, s3: tuple[str, str
     by_index = {row["index"]: np.asarray(row["image"]) for row in rows}
     assert all((by_index[i][:, :, None] == again[i].numpy()).all() for i in range(100))
     # A rerun finds every shard committed and writes nothing.
-    assert export(str(tiny_run), 100, uri, shard_size=40, progress=False)["shards_written"] == 0
+    assert export(str(tiny_run), ExportConfig(num_images=100, out=uri, shard_size=40),
+                  progress=False)["shards_written"] == 0
 
     folder_uri = f"s3://{bucket}/synthetic/folder"
-    export(str(tiny_run), 30, folder_uri, fmt="imagefolder", shard_size=16, progress=False)
+    export(str(tiny_run), ExportConfig(num_images=30, out=folder_uri, format="imagefolder", shard_size=16),
+           progress=False)
     assert len(fs.glob(f"{bucket}/synthetic/folder/train/00000/*.png")) == 16
     metadata = pq.read_table(f"{bucket}/synthetic/folder/train/00001/metadata.parquet", filesystem=fs)
     assert metadata.column("index").to_pylist() == list(range(16, 30))
@@ -220,7 +229,7 @@ def test_export_killed_part_way_reruns_to_the_uninterrupted_rows(tiny_run: Path,
 
     n, shard = 8000, 250
     reference = tmp_path / "reference"
-    export(str(tiny_run), n, str(reference), shard_size=shard, progress=False)
+    export(str(tiny_run), ExportConfig(num_images=n, out=str(reference), shard_size=shard), progress=False)
 
     out = tmp_path / "killed"
     marker = uuid.uuid4().hex
