@@ -16,14 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ganpipe import cli
 from ganpipe.config import ExportConfig
 from ganpipe.errors import UserError
-from ganpipe.export import export
+from ganpipe.export import export, export_location
 from ganpipe.models import NetworkSpec, build_generator, generate
 from ganpipe.registry import load_generator
 from ganpipe.shards import encode_png, encode_pngs
 from ganpipe.synthetic_rows import row_seed
-from tests.conftest import error_lines, last_json, run_cli
+from tests.conftest import error_lines, last_json, run_cli, write_config
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -171,6 +172,65 @@ def test_cli_reports_progress_and_rejects_bad_input(tiny_run: Path, tmp_path: Pa
                     "--seed", "1", "--out", str(out))
     assert other.returncode == 2 and "holds a different dataset (differs in seed)" in other.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "data").iterdir()) == before
+
+
+# --- one config surface: a config file's export section, --set, flags ----------------------------------
+
+def _export_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.run(["export", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_reads_the_export_section_of_a_config_and_flags_override_it(
+        tiny_conditional_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A pipeline config serves as is: `ganpipe export` reads its export and storage sections only.
+    config = write_config(tmp_path / "pipeline.yaml", f"""
+data: {{source: builtin:digits, resolution: 16}}
+model: {{family: dcgan, conditional: true}}
+train: {{steps: 20}}
+export:
+  num_images: 30
+  out: {tmp_path / "from-config"}
+  shard_size: 16
+  seed: 4
+  class_counts: {{3: 10, 5: 20}}
+""")
+    model = str(tiny_conditional_run)
+    code, out, err = _export_in_process(capsys, str(config), "--model", model, "--json")
+    assert code == 0, err
+    result = last_json(out)
+    assert result["out"] == str(tmp_path / "from-config") and result["num_shards"] == 2
+    assert {k: v for k, v in result["per_class_counts"].items() if v} == {"3": 10, "5": 20}
+    manifest = json.loads((tmp_path / "from-config" / "manifest.json").read_text())
+    assert (manifest["num_images"], manifest["shard_size"], manifest["seed"]) == (30, 16, 4)
+
+    # --set overrides the file, and a flag (a shorthand for its key) overrides both.
+    code, out, err = _export_in_process(capsys, str(config), "--model", model, "--set", "export.seed=9",
+                                        "--set", "export.shard_size=8", "--seed", "5",
+                                        "--out", str(tmp_path / "flagged"), "--class-balance",
+                                        "--set", "export.class_counts=null", "--json")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "flagged" / "manifest.json").read_text())
+    assert (manifest["seed"], manifest["shard_size"], manifest["labels"]["mode"]) == (5, 8, "balanced")
+
+    # Unknown keys inside the sections it reads are refused, naming the key; so are bad values.
+    bad = write_config(tmp_path / "bad.yaml", "export: {num_images: 10, shard_sise: 4}\n")
+    code, _, err = _export_in_process(capsys, str(bad), "--model", model, "--out", str(tmp_path / "b"))
+    assert code == 2 and error_lines(err) == [f"error: {bad}: unknown key 'export.shard_sise'"]
+    code, _, err = _export_in_process(capsys, "--model", model, "--out", str(tmp_path / "b"), "--num-images", "5",
+                                      "--set", "export.drop_lowest=0.5")
+    assert code == 2 and error_lines(err) == ["error: --set: unknown key 'export.drop_lowest'"]
+    code, _, err = _export_in_process(capsys, str(config), "--model", model, "--drop-lowest-d", "1.5")
+    assert code == 2 and len(error_lines(err)) == 1
+    assert error_lines(err)[0].startswith("error: --drop-lowest-d: key 'export.drop_lowest_d'")
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_default_export_location_is_chosen_in_one_place(ganpipe_home: Path) -> None:
+    assert export_location(ExportConfig(), "digits", "v3") == str(ganpipe_home / "exports" / "digits" / "v3")
+    assert export_location(ExportConfig(out="s3://bucket/x"), "digits", "v3") == "s3://bucket/x"
 
 
 # --- S3 (moto server on 127.0.0.1) -------------------------------------------------------------------

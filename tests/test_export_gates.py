@@ -22,6 +22,7 @@ from ganpipe.export import export
 from ganpipe.models import build_discriminator, generate
 from ganpipe.registry import load_generator
 from ganpipe.synthetic_rows import row_seed
+from tests.conftest import write_config
 from tests.test_export import image_bytes, pixels, read_rows
 
 
@@ -145,3 +146,18 @@ def test_memorisation_check_finds_exactly_the_planted_training_copies(tiny_run: 
                                             memorisation_check="report", near_copy_ratio=0.01), progress=False)
     assert result["num_images"] == 40 and result["num_dropped"] == 0
     assert [(r["index"], r["dropped"]) for r in gated_rows(reported)] == [(i, False) for i in planted_rows]
+
+
+def test_the_pipeline_export_task_honours_the_gate_keys(tiny_run: Path, tmp_path: Path) -> None:
+    """export.drop_lowest_d in a pipeline config gates the flows' export as the flag gates the CLI's."""
+    from flows.pipeline import export_task
+
+    config = write_config(tmp_path / "pipeline.yaml", "data: {source: builtin:digits, resolution: 16}\n"
+                          "export: {num_images: 64, shard_size: 32, drop_lowest_d: 0.25}\n")
+    out = tmp_path / "gated"
+    result = export_task.fn(str(tiny_run), str(out), str(config), ["export.seed=2"], None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["gate_settings"] == {"drop_lowest_d": 0.25, "memorisation": "off", "near_copy_ratio": 0.25}
+    assert manifest["gates"]["discriminator"]["fraction"] == 0.25 and manifest["seed"] == 2
+    dropped = [row["index"] for row in gated_rows(out) if row["dropped"]]
+    assert dropped and result["num_dropped"] == len(dropped) and result["num_images"] == 64 - len(dropped)
