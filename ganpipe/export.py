@@ -96,7 +96,6 @@ class ExportJob:
                    data["endpoint_url"], data["gates"], data["parent_pid"])
 
 
-
 # --- one rank's work ----------------------------------------------------------------------------
 
 class ParentGone(RuntimeError):
