@@ -73,10 +73,12 @@ def measure(mode: str, run: Path, num_images: int, out: Path, num_processes: int
             for i, image in enumerate(batch.numpy()):
                 Image.fromarray(image).save(out / f"{first + i:07d}.png")
     else:
+        from ganpipe.config import ExportConfig
         from ganpipe.export import export
 
         fmt = "imagefolder" if mode == "imagefolder" else "parquet"
-        result = export(str(run), num_images, str(out), fmt=fmt, progress=False, num_processes=num_processes)
+        settings = ExportConfig(num_images=num_images, out=str(out), format=fmt, num_processes=num_processes)
+        result = export(str(run), settings, progress=False)
         assert result["num_images"] == num_images, result
     seconds = time.perf_counter() - started
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.exists() else 0

@@ -29,7 +29,7 @@ def evaluate_model_task(model_uri: str, config_path: str, overrides: list[str] |
     e = cfg.eval
     metrics = evaluate_sources(cfg.data.source, model_uri, e.metrics, e.num_samples, bootstrap=e.bootstrap,
                                inception_weights=e.inception_weights, seed=cfg.seed,
-                               endpoint_url=cfg.storage.endpoint_url)
+                               endpoint_url=cfg.storage.endpoint_url, num_processes=e.num_processes)
     if all(result.get("value") is None for result in metrics.values()):
         raise EvaluationFailed("; ".join(f"{name}: {r.get('error')}" for name, r in metrics.items()))
     return metrics

@@ -12,7 +12,6 @@ from prefect.artifacts import create_markdown_artifact
 from flows.pipeline import (
     _config,
     champion_uri,
-    default_export_uri,
     export_line,
     export_task,
     resolve_model_task,
@@ -25,11 +24,13 @@ from ganpipe.errors import UserError
 def export_flow(config_path: str, overrides: list[str] | None = None, model_uri: str | None = None,
                 out: str | None = None) -> dict[str, Any]:
     """`out` defaults to export.out, else $GANPIPE_HOME/exports/<register.name>/v<version>."""
+    from ganpipe.export import export_location  # torch: loaded when the flow runs, not when it is imported
+
     cfg = _config(config_path, overrides)
     if cfg.export.num_images < 1:
         raise UserError("export.num_images: set how many rows to export (e.g. --set export.num_images=10000)")
     model = run_stage("resolve-model", resolve_model_task, model_uri or champion_uri(cfg))
-    out = out or cfg.export.out or default_export_uri(cfg, model["label"])
+    out = out or export_location(cfg.export, cfg.registry.name, model["label"])
     exported = run_stage("export", export_task, model["model_uri"], out, config_path, overrides, None)
     create_markdown_artifact("\n".join([
         f"# ganpipe export: {model['model_uri']}", "",

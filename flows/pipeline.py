@@ -21,7 +21,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from ganpipe import storage, tracking
+from ganpipe import tracking
 from ganpipe.config import Config, load_config
 from ganpipe.errors import EvaluationFailed, StageError, UserError
 
@@ -152,22 +152,16 @@ def register_task(run_dir: str) -> dict[str, Any]:
     return result
 
 
-def default_export_uri(cfg: Config, label: str) -> str:
-    """$GANPIPE_HOME/exports/<name>/<label>: label is v<version>, or a run directory's name."""
-    return str(storage.ganpipe_home() / "exports" / cfg.registry.name / label)
-
-
 @task(name="export", cache_policy=NO_CACHE, **RETRIES)
 def export_task(model_uri: str, out: str, config_path: str, overrides: list[str] | None,
                 training_counts: dict[str, int] | None) -> dict[str, Any]:
-    """Finished shards are kept, so a retry continues where the failed attempt stopped."""
+    """The config's `export` section (quality gates and class counts included), written to `out`.
+    Finished shards are kept, so a retry continues where the failed attempt stopped."""
     from ganpipe.export import export
 
     cfg = _config(config_path, overrides)
-    e = cfg.export
-    return export(model_uri, e.num_images, out, fmt=e.format, shard_size=e.shard_size,
-                  class_balance=e.class_balance, seed=e.seed, endpoint_url=cfg.storage.endpoint_url,
-                  training_counts=training_counts, num_processes=e.num_processes)
+    return export(model_uri, cfg.export.model_copy(update={"out": out}), cfg.storage.endpoint_url,
+                  training_counts=training_counts)
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, **RETRIES)
@@ -207,7 +201,9 @@ def training_pipeline(config_path: str, overrides: list[str] | None = None) -> d
     registered = run_stage("register", register_task, trained["run_dir"])
     exported = None
     if cfg.export.num_images > 0:
-        out = cfg.export.out or default_export_uri(cfg, f"v{registered['version']}")
+        from ganpipe.export import export_location  # torch: loaded when a flow runs, not when it is imported
+
+        out = export_location(cfg.export, cfg.registry.name, f"v{registered['version']}")
         counts = _class_counts(data)
         exported = run_stage("export", export_task, registered["model_uri"], out, config_path, overrides, counts)
     summary = {

@@ -28,35 +28,30 @@ import numpy as np
 
 from ganpipe import storage
 from ganpipe.errors import UserError
-from ganpipe.export import (
+from ganpipe.export import generate_rows, weights_sha256
+from ganpipe.networks import NetworkSpec
+from ganpipe.shards import (
     PNG_LEVEL,
-    LabelPlan,
-    ParquetShard,
+    ShardLayout,
     claim_output,
-    class_names,
+    dataset_card,
+    dataset_features,
     encode_pngs,
-    finished_shard,
-    generate_rows,
+    finish_dataset,
     image_column,
-    record_uri,
     remove_stale_scratch,
     scratch_dir,
 )
-from ganpipe.networks import NetworkSpec
+from ganpipe.synthetic_rows import LabelPlan, class_names, label_plan
 
 FORMAT_VERSION = 1
 
 
 def features(classes: list[str] | None) -> Any:
+    """image, label (when the sources are labelled), source, seed, index."""
     import datasets
 
-    columns: dict[str, Any] = {"image": datasets.Image()}
-    if classes is not None:
-        columns["label"] = datasets.ClassLabel(names=classes)
-    columns["source"] = datasets.Value("string")
-    columns["seed"] = datasets.Value("int64")
-    columns["index"] = datasets.Value("int64")
-    return datasets.Features(columns)
+    return dataset_features({"image": datasets.Image()}, classes, {"source": datasets.Value("string")})
 
 
 # --- the synthetic side: an export directory or a model ------------------------------------------
@@ -120,19 +115,16 @@ class GeneratedRows:
     """Rows generated on the fly, exactly as `ganpipe export --seed seed` would generate them."""
 
     def __init__(self, model: str, seed: int):
-        from ganpipe.export import _weights_sha, label_plan
         from ganpipe.generators import load_generator
 
         self.loaded = load_generator(model)
         self.spec, self.seed = self.loaded.spec, seed
         self.labels: LabelPlan = label_plan(self.spec, 1, False, None, None)
-        self.weights_sha = _weights_sha(self.loaded)
+        self.weights_sha = weights_sha256(self.loaded)
         self.num_rows = sys.maxsize
 
     def draw_labels_like(self, class_counts: dict[str, int] | None) -> None:
         """Draw labels in these proportions (the real data's), matched by class name."""
-        from ganpipe.export import label_plan
-
         if self.spec.conditional and class_counts:
             counts = {name: class_counts.get(name, 0) for name in class_names(self.spec)}
             self.labels = label_plan(self.spec, 1, False, None, counts)
@@ -196,19 +188,17 @@ def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int =
                         f"rows needs {num_synthetic}")
     total = num_real + num_synthetic
     out = out.rstrip("/")
-    num_shards = max(1, -(-total // shard_size))
+    layout = ShardLayout(out, total, shard_size, "parquet")
     identity = {"kind": "ganpipe-augment", "format_version": FORMAT_VERSION, "real": real,
                 "real_fingerprint": prepared.fingerprint, "synthetic": synth.identity(), "ratio": ratio,
                 "num_real": num_real, "num_synthetic": num_synthetic, "shard_size": shard_size}
     claim_output(out, identity, endpoint_url)
     remove_stale_scratch(out)
-    schema = features(classes).arrow_schema
-    written = 0
-    for k in range(num_shards):
-        start, stop = k * shard_size, min(total, (k + 1) * shard_size)
-        name = f"data/train-{k:05d}-of-{num_shards:05d}.parquet"
-        if finished_shard(out, k, name, start, endpoint_url) is not None:
-            continue
+    shard_features = features(classes)
+    schema = shard_features.arrow_schema
+    pending = layout.pending(endpoint_url)
+    for k in pending:
+        start, stop = layout.shard_rows(k)
         real_lo, real_hi = (int(v) for v in real_rows_before(np.array([start, stop]), num_real, total))
         is_real = np.diff(real_rows_before(np.arange(start, stop + 1), num_real, total)) > 0
         real_table = _real_table(data, real_lo, real_hi, real_map, schema)
@@ -219,16 +209,14 @@ def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int =
         order[~is_real] = np.arange(stop - start - (real_hi - real_lo)) + (real_hi - real_lo)
         table = pa.concat_tables([real_table, synth_table]).take(pa.array(order))
         with tempfile.TemporaryDirectory(dir=scratch_dir(out), prefix=".tmp-") as tmp:
-            shard = ParquetShard(Path(tmp) / "shard.parquet", schema)
+            shard = layout.open_shard(Path(tmp), shard_features)
             for first in range(0, len(table), 1000):
                 shard.write(table.slice(first, 1000))
-            checksum = shard.commit(storage.join(out, name), endpoint_url)
-        record = {"file": name, "rows": stop - start, "first_index": start, "sha256": checksum,
-                  "real_rows": real_hi - real_lo, "synthetic_rows": (stop - start) - (real_hi - real_lo)}
-        storage.write_json_atomic(record_uri(out, k), record, endpoint_url)
-        written += 1
-    return _finish(out, identity, classes, data, synth, num_shards, shard_size, total, endpoint_url, written,
-                   warnings)
+            checksum = shard.commit(storage.join(out, layout.shard_name(k)), endpoint_url)
+        layout.write_record(k, {"file": layout.shard_name(k), "rows": stop - start, "first_index": start,
+                                "sha256": checksum, "real_rows": real_hi - real_lo,
+                                "synthetic_rows": (stop - start) - (real_hi - real_lo)}, endpoint_url)
+    return _finish(layout, identity, classes, data, synth, endpoint_url, len(pending), warnings)
 
 
 def _label_maps(real_classes: list[str] | None, synth_classes: list[str] | None, real: str, synthetic: str
@@ -280,49 +268,31 @@ def _synthetic_table(synth: ExportedRows | GeneratedRows, start: int, stop: int,
     return _table(schema, images, labels, label_map, "synthetic", seeds, indices)
 
 
-def _finish(out: str, identity: dict[str, Any], classes: list[str] | None, data: Any,
-            synth: ExportedRows | GeneratedRows, num_shards: int, shard_size: int, total: int,
-            endpoint_url: str | None, written: int, warnings: list[str]) -> dict[str, Any]:
-    records = []
-    for k in range(num_shards):
-        name = f"data/train-{k:05d}-of-{num_shards:05d}.parquet"
-        record = finished_shard(out, k, name, k * shard_size, endpoint_url)
-        if record is None:
-            raise RuntimeError(f"shard {k} of {out} was not written")
-        records.append(record)
-    manifest = {**identity, "classes": classes, "num_rows": total, "num_shards": num_shards, "shards": records,
-                "real_class_counts": data.meta.get("class_counts"), "created_at": time.time(),
+def _finish(layout: ShardLayout, identity: dict[str, Any], classes: list[str] | None, data: Any,
+            synth: ExportedRows | GeneratedRows, endpoint_url: str | None, written: int, warnings: list[str]
+            ) -> dict[str, Any]:
+    records = layout.records(endpoint_url)
+    manifest = {**identity, "classes": classes, "num_rows": layout.num_rows, "num_shards": layout.num_shards,
+                "shards": records, "real_class_counts": data.meta.get("class_counts"), "created_at": time.time(),
                 "synthetic_source": synth.manifest.get("model_uri") if isinstance(synth, ExportedRows)
                 else synth.loaded.source.get("model_uri"),
                 "columns": list(features(classes)), "interleaving": "row j is real iff "
                 "floor((j+1)*num_real/num_rows) > floor(j*num_real/num_rows)", "warnings": warnings}
-    storage.write_bytes_atomic(storage.join(out, "README.md"), dataset_card(manifest).encode(), endpoint_url)
-    storage.write_json_atomic(storage.join(out, "manifest.json"), manifest, endpoint_url)
-    return {"out": out, "num_images": total, "num_real": identity["num_real"],
-            "num_synthetic": identity["num_synthetic"], "num_shards": num_shards,
-            "manifest": storage.join(out, "manifest.json"), "shards_written": written, "warnings": warnings}
+    manifest_uri = finish_dataset(layout.out, manifest, augment_card(layout, manifest), endpoint_url)
+    return {"out": layout.out, "num_images": layout.num_rows, "num_real": identity["num_real"],
+            "num_synthetic": identity["num_synthetic"], "num_shards": layout.num_shards,
+            "manifest": manifest_uri, "shards_written": written, "warnings": warnings}
 
 
-def dataset_card(manifest: dict[str, Any]) -> str:
+def augment_card(layout: ShardLayout, manifest: dict[str, Any]) -> str:
     digest = hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()[:16]
-    return f"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: "data/train-*.parquet"
-tags:
-- synthetic
-- augmentation
-- ganpipe
----
-# Augmented dataset: {manifest['real']} + synthetic
-
+    return dataset_card(layout, ["synthetic", "augmentation", "ganpipe"],
+                        f"Augmented dataset: {manifest['real']} + synthetic", f"""\
 {manifest['num_real']} real rows from `{manifest['real']}` and {manifest['num_synthetic']} synthetic rows
 (ratio {manifest['ratio']:g} synthetic per real) from `{manifest['synthetic_source']}`, interleaved evenly.
 Columns: {', '.join(manifest['columns'])}; `source` says which rows are real.
 Synthetic rows keep their export `seed` and `index`, so each can be regenerated.
 
-Load with `datasets.load_dataset("parquet", data_files="data/train-*.parquet")`.
+Load with `datasets.load_dataset("parquet", data_files="{layout.data_files}")`.
 Content digest {digest}; see manifest.json for per-shard counts and checksums.
-"""
+""")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ganpipe.config import CommandConfig, load_command_config, load_config
 from ganpipe.errors import EvaluationFailed, Failure, StageError, UserError
 
 
@@ -46,9 +47,41 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], summary: list[str]) 
 
 
 def _load(args: argparse.Namespace, extra: list[str] | None = None):
-    from ganpipe.config import load_config
-
     return load_config(args.config, list(args.overrides) + (extra or []))
+
+
+# Flags that are shorthands for config keys (argparse dest -> dotted key): they default to None and
+# override the config file and --set only when given; every default lives in ganpipe.config.
+EXPORT_FLAGS = {dest: f"export.{dest}" for dest in (
+    "num_images", "out", "format", "shard_size", "class_balance", "class_counts", "seed", "num_processes",
+    "drop_lowest_d", "memorisation_check", "near_copy_ratio")}
+EVALUATE_FLAGS = {"seed": "seed", **{dest: f"eval.{dest}" for dest in (
+    "metrics", "num_samples", "inception_weights", "bootstrap", "num_processes", "resolution")}}
+
+
+def _command_config(args: argparse.Namespace, flags: dict[str, str]) -> CommandConfig:
+    """The config sections of `ganpipe export` / `evaluate`: the optional config file, --set, then flags."""
+    given = {key: (f"--{dest.replace('_', '-')}", getattr(args, dest)) for dest, key in flags.items()
+             if getattr(args, dest) is not None}
+    return load_command_config(args.config, list(args.overrides), given)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _class_counts(text: str) -> dict[str, int]:
+    try:
+        return {str(k): int(v) for k, v in json.loads(text).items()}
+    except (ValueError, AttributeError, TypeError):
+        raise argparse.ArgumentTypeError("expected a JSON object like '{\"0\": 100, \"1\": 50}'") from None
+
+
+def _add_command_config(parser: argparse.ArgumentParser, section: str, used: str) -> None:
+    parser.add_argument("config", nargs="?", help=f"optional YAML config file (a pipeline config serves): {used} "
+                        "used, other sections ignored")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {section}.KEY=VALUE (repeatable)")
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -96,12 +129,11 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ganpipe.evaluate import evaluate_sources
 
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    if args.num_processes < 1:
-        raise UserError("--num-processes must be at least 1")
-    results = evaluate_sources(args.real, args.fake, metrics, args.num_samples, bootstrap=args.bootstrap,
-                               inception_weights=args.inception_weights, resolution=args.resolution, seed=args.seed,
-                               num_processes=args.num_processes)
+    cfg = _command_config(args, EVALUATE_FLAGS)
+    e = cfg.eval
+    results = evaluate_sources(args.real, args.fake, e.metrics, e.num_samples, bootstrap=e.bootstrap,
+                               inception_weights=e.inception_weights, resolution=e.resolution, seed=cfg.seed,
+                               endpoint_url=cfg.storage.endpoint_url, num_processes=e.num_processes)
     _emit(args, results, _metric_lines(results))
     if results and all(r.get("value") is None for r in results.values()):
         raise EvaluationFailed("no metric could be computed: " +
@@ -141,9 +173,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import numpy as np
 
     from ganpipe import storage
-    from ganpipe.export import row_seed, shard_table
     from ganpipe.generators import load_generator
     from ganpipe.networks import generate
+    from ganpipe.synthetic_rows import row_seed, shard_table
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npy", ".parquet"):
@@ -188,20 +220,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from ganpipe.export import export
     from ganpipe.quality_gates import GateSettings
 
-    counts = None
-    if args.class_counts:
-        try:
-            counts = {str(k): int(v) for k, v in json.loads(args.class_counts).items()}
-        except (ValueError, AttributeError, TypeError):
-            raise UserError("--class-counts: expected a JSON object like '{\"0\": 100, \"1\": 50}'") from None
-    gates = GateSettings(drop_lowest_d=args.drop_lowest_d, memorisation=args.memorisation_check,
-                         near_copy_ratio=args.near_copy_ratio)
-    result = export(args.model, args.num_images, args.out, fmt=args.format, shard_size=args.shard_size,
-                    class_balance=args.class_balance, class_counts=counts, seed=args.seed,
-                    num_processes=args.num_processes, gates=gates)
+    cfg = _command_config(args, EXPORT_FLAGS)
+    result = export(args.model, cfg.export, cfg.storage.endpoint_url)
     summary = [f"exported {result['num_images']} rows in {result['num_shards']} shard(s) to {result['out']} "
                f"({result['shards_written']} shard(s) written now)", f"manifest: {result['manifest']}"]
-    if gates.enabled:
+    if GateSettings.from_config(cfg.export).enabled:
         summary.append(f"quality gates dropped {result['num_dropped']} row(s); see {result['out']}/gated_rows.jsonl")
     _emit(args, result, summary)
 
@@ -278,6 +301,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 # --- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> Parser:
+    defaults = CommandConfig()  # shown in --help; written once, in ganpipe.config
     parser = Parser(prog="ganpipe", description="Train, evaluate, register and export GANs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -300,18 +324,27 @@ def build_parser() -> Parser:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="quality metrics of generated against real data")
+    p = sub.add_parser("evaluate", help="quality metrics of generated against real data",
+                       description="Quality metrics of generated against real data. Settings come from the "
+                       "`eval` section and `seed` of an optional config file, then --set eval.KEY=VALUE, then "
+                       "the flags, each a shorthand for a key (defaults: those of the keys).")
+    _add_command_config(p, "eval", "its `eval` section, `seed` and `storage` are")
     p.add_argument("--real", required=True, help="dataset: anything data.source accepts, or an image folder")
     p.add_argument("--fake", required=True, help="MODEL (models:/NAME@ALIAS, models:/NAME/VERSION, run dir) or dataset")
-    p.add_argument("--metrics", default="fd_domain", help="comma-separated: fid,kid,pr,cas,fd_domain")
-    p.add_argument("--num-samples", type=int, default=2048)
-    p.add_argument("--inception-weights", help="pt_inception-2015-12-05 weights file (for fid, kid, pr); default: "
-                   "$GANPIPE_INCEPTION_WEIGHTS, then the torch hub download cache")
-    p.add_argument("--bootstrap", type=int, default=20, help="bootstrap resamples for uncertainty")
-    p.add_argument("--num-processes", type=int, default=1,
-                   help="extract features in N processes (devices) through accelerate")
-    p.add_argument("--resolution", type=int, help="resolution when both sides are datasets (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics", type=_comma_list, help="eval.metrics, comma-separated: fid,kid,pr,cas,fd_domain "
+                   f"(default {','.join(defaults.eval.metrics)})")
+    p.add_argument("--num-samples", type=int,
+                   help=f"eval.num_samples: samples per side (default {defaults.eval.num_samples})")
+    p.add_argument("--inception-weights", help="eval.inception_weights: pt_inception-2015-12-05 weights file (for "
+                   "fid, kid, pr); default: $GANPIPE_INCEPTION_WEIGHTS, then the torch hub download cache")
+    p.add_argument("--bootstrap", type=int, help="eval.bootstrap: resamples for uncertainty "
+                   f"(default {defaults.eval.bootstrap})")
+    p.add_argument("--num-processes", type=int,
+                   help="eval.num_processes: extract features in N processes (devices) through accelerate "
+                        f"(default {defaults.eval.num_processes})")
+    p.add_argument("--resolution", type=int, help="eval.resolution: when both sides are datasets "
+                   f"(default {defaults.eval.resolution})")
+    p.add_argument("--seed", type=int, help=f"the config's top-level seed (default {defaults.seed})")
     _add_json(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -331,24 +364,36 @@ def build_parser() -> Parser:
     _add_json(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="bulk synthetic dataset (parquet shards or image folder)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--num-images", type=int, required=True)
-    p.add_argument("--out", required=True, help="local path or s3:// URI")
-    p.add_argument("--format", choices=["parquet", "imagefolder"], default="parquet")
-    p.add_argument("--shard-size", type=int, default=10_000)
-    p.add_argument("--class-balance", action="store_true", help="equal rows per class (conditional models)")
-    p.add_argument("--class-counts", help="explicit rows per class as JSON, e.g. '{\"0\": 500, \"1\": 500}'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-processes", type=int, default=1,
-                   help="generating processes, started with accelerate launch (one per GPU, or CPU processes)")
-    p.add_argument("--drop-lowest-d", type=float, default=0.0, metavar="FRACTION",
-                   help="quality gate: drop about this fraction of rows, those the run's discriminator scores lowest")
-    p.add_argument("--memorisation-check", choices=["off", "report", "drop"], default="off",
-                   help="quality gate: find rows that nearly copy a training example; list them, or drop them too")
-    p.add_argument("--near-copy-ratio", type=float, default=0.25,
-                   help="memorisation check: near copy when the distance to the nearest training example is below "
-                        "this times the median nearest-neighbour distance within the training data")
+    p = sub.add_parser("export", help="bulk synthetic dataset (parquet shards or image folder)",
+                       description="Bulk synthetic dataset. Settings come from the `export` section of an optional "
+                       "config file (and its storage.endpoint_url), then --set export.KEY=VALUE, then the flags, "
+                       "each a shorthand for an export key (defaults: those of the keys).")
+    _add_command_config(p, "export", "its `export` and `storage` sections are")
+    p.add_argument("--model", required=True, help="MODEL: models:/NAME@ALIAS, models:/NAME/VERSION or a run dir")
+    p.add_argument("--num-images", type=int, help="export.num_images: rows to write (required, here or in the config)")
+    p.add_argument("--out", help="export.out: local path or s3:// URI (required, here or in the config)")
+    p.add_argument("--format", choices=["parquet", "imagefolder"],
+                   help=f"export.format (default {defaults.export.format})")
+    p.add_argument("--shard-size", type=int, help="export.shard_size: rows per shard "
+                   f"(default {defaults.export.shard_size})")
+    p.add_argument("--class-balance", action="store_true", default=None,
+                   help="export.class_balance: equal rows per class (conditional models)")
+    p.add_argument("--class-counts", type=_class_counts, help="export.class_counts: explicit rows per class as JSON, "
+                   "e.g. '{\"0\": 500, \"1\": 500}'")
+    p.add_argument("--seed", type=int, help=f"export.seed (default {defaults.export.seed})")
+    p.add_argument("--num-processes", type=int, help="export.num_processes: generating processes, started with "
+                   "accelerate launch (one per GPU, or CPU processes; default "
+                   f"{defaults.export.num_processes})")
+    p.add_argument("--drop-lowest-d", type=float, metavar="FRACTION", help="export.drop_lowest_d: quality gate: "
+                   "drop about this fraction of rows, those the run's discriminator scores lowest (0: off; "
+                   f"default {defaults.export.drop_lowest_d})")
+    p.add_argument("--memorisation-check", choices=["off", "report", "drop"],
+                   help="export.memorisation_check: quality gate: find rows that nearly copy a training example; "
+                        f"list them, or drop them too (default {defaults.export.memorisation_check})")
+    p.add_argument("--near-copy-ratio", type=float,
+                   help="export.near_copy_ratio: memorisation check: near copy when the distance to the nearest "
+                        "training example is below this times the median nearest-neighbour distance within the "
+                        f"training data (default {defaults.export.near_copy_ratio})")
     _add_json(p)
     p.set_defaults(func=cmd_export)
 

@@ -9,16 +9,33 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ganpipe.errors import UserError
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _seed_range(value: int) -> int:
+    if not 0 <= value < 2**31:
+        raise ValueError("seed must be in [0, 2**31)")
+    return value
+
+
+Seed = Annotated[int, AfterValidator(_seed_range)]
 
 
 class DataConfig(_Section):
@@ -119,6 +136,10 @@ class EvalConfig(_Section):
     num_samples: int = Field(2048, ge=2)
     inception_weights: str | None = None
     bootstrap: int = Field(20, ge=0, description="bootstrap resamples for uncertainty (0: none)")
+    num_processes: int = Field(1, ge=1, description="`ganpipe evaluate` and the evaluation flow: extract "
+                               "features in this many processes (devices) through accelerate")
+    resolution: int = Field(64, ge=4, le=1024, description="`ganpipe evaluate` with datasets on both sides: the "
+                            "resolution both are prepared at (a MODEL side sets its own)")
 
 
 class RegisterConfig(_Section):
@@ -129,12 +150,28 @@ class RegisterConfig(_Section):
 
 class ExportConfig(_Section):
     num_images: int = Field(0, ge=0, description="0: the pipeline exports nothing")
-    out: str | None = Field(None, description="default $GANPIPE_HOME/exports/<name>/v<version>")
+    out: str | None = Field(None, description="local path or s3:// URI; flows default to "
+                            "$GANPIPE_HOME/exports/<register.name>/v<version>")
     format: Literal["parquet", "imagefolder"] = "parquet"
     shard_size: int = Field(10_000, ge=1)
-    class_balance: bool = False
+    class_balance: bool = Field(False, description="equal rows per class (conditional models)")
+    class_counts: dict[str, int] | None = Field(
+        None, description="explicit rows per class (class name -> rows), adding up to num_images")
     seed: int = 0
-    num_processes: int = Field(1, ge=1)
+    num_processes: int = Field(1, ge=1, description="generating processes, started with accelerate launch")
+    drop_lowest_d: float = Field(0.0, ge=0, lt=1, description="quality gate: drop about this fraction of rows, "
+                                 "those the run's discriminator scores lowest (0: off)")
+    memorisation_check: Literal["off", "report", "drop"] = Field(
+        "off", description="quality gate: find rows that nearly copy a training example; list them, or drop them too")
+    near_copy_ratio: float = Field(0.25, gt=0, description="memorisation check: near copy when the distance to the "
+                                   "nearest training example is below this times the median nearest-neighbour "
+                                   "distance within the training data")
+
+    @field_validator("class_counts", mode="before")
+    @classmethod
+    def _class_names_as_text(cls, value: Any) -> Any:
+        """YAML reads `{3: 100}` with integer keys: class names are text."""
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
 
 class StorageConfig(_Section):
@@ -148,7 +185,7 @@ class DeployConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -158,13 +195,6 @@ class Config(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
-
-    @field_validator("seed")
-    @classmethod
-    def _seed_range(cls, v: int) -> int:
-        if not 0 <= v < 2**31:
-            raise ValueError("seed must be in [0, 2**31)")
-        return v
 
     def hash(self) -> str:
         """Stable content hash of the effective config (key order and formatting do not matter)."""
@@ -176,6 +206,16 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class CommandConfig(_Section):
+    """The sections of a config that `ganpipe export` and `ganpipe evaluate` read, with Config's
+    fields (and so its defaults): a pipeline config serves as is, and no file at all is valid."""
+
+    seed: int = Config.model_fields["seed"]
+    eval: EvalConfig = Config.model_fields["eval"]
+    export: ExportConfig = Config.model_fields["export"]
+    storage: StorageConfig = Config.model_fields["storage"]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -193,16 +233,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         path, value = parse_override(item)
-        node = raw
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
+        _set_key(raw, path, value, f"--set {'.'.join(path)}")
     return raw
+
+
+def _set_key(raw: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"{origin}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
 
 
 def _format_validation_error(origin: str, exc: ValidationError) -> str:
@@ -225,8 +269,8 @@ def validate_config(raw: dict[str, Any], origin: str) -> Config:
         raise UserError(_format_validation_error(origin, exc)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply `--set` overrides, validate. Bad input raises UserError."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's sections, unvalidated. A missing file or bad YAML raises UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -241,8 +285,36 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config sections at the top level")
-    raw = apply_overrides(raw, overrides or [])
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate. Bad input raises UserError."""
+    raw = apply_overrides(read_config_file(path), overrides or [])
     return validate_config(raw, str(path))
+
+
+def load_command_config(path: str | Path | None, overrides: list[str],
+                        flags: dict[str, tuple[str, Any]] | None = None) -> CommandConfig:
+    """A command's settings: the config file (optional), then its `--set` overrides, then its flags
+    (`flags`: dotted key -> (the flag, its value), for flags that were given). Only CommandConfig's
+    sections are validated, strictly; a pipeline config's other sections are ignored. A bad value
+    raises UserError naming the flag, or else the file, and the key."""
+    raw = read_config_file(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides)
+    for key, (flag, value) in (flags or {}).items():
+        _set_key(raw, key.split("."), value, flag)
+    known = {field.alias or name for name, field in Config.model_fields.items()}
+    origin = str(path) if path is not None else "--set"
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{origin}: unknown key '{unknown[0]}'")
+    try:
+        return CommandConfig.model_validate({k: v for k, v in raw.items() if k in CommandConfig.model_fields})
+    except ValidationError as exc:
+        key = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        flag = next((name for dotted, (name, _) in (flags or {}).items() if f"{key}.".startswith(f"{dotted}.")), None)
+        raise UserError(_format_validation_error(flag or origin, exc)) from None
 
 
 def config_from_yaml_text(text: str, origin: str) -> Config:

@@ -60,7 +60,8 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
                      inception_weights: str | None = None, resolution: int | None = None, seed: int = 0,
                      endpoint_url: str | None = None, num_processes: int = 1,
                      accelerator: Any | None = None) -> dict[str, Any]:
-    """`ganpipe evaluate --real SRC --fake SRC`."""
+    """`ganpipe evaluate --real SRC --fake SRC`. `resolution` (eval.resolution, which holds its
+    default) is the one both sides are prepared at when both are datasets."""
     check_request(metrics, num_samples, inception_weights)
     if num_processes > 1 and accelerator is None:
         request = {"real": real, "fake": fake, "metrics": metrics, "num_samples": num_samples, "bootstrap": bootstrap,
@@ -80,7 +81,9 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
             data = _prepare_real(real, shape[1], shape[0], endpoint_url)
             fake_samples: Any = GeneratedSamples(loaded, num_samples, seed + 1, label_weights(data, loaded.spec), device)
         else:
-            data = _prepare_real(real, resolution or 64, None, endpoint_url)
+            if resolution is None:
+                raise UserError("--resolution (eval.resolution): needed when both sides are datasets")
+            data = _prepare_real(real, resolution, None, endpoint_url)
             fake_data = _prepare_real(fake, data.sample_shape[1], data.sample_shape[0], endpoint_url)
             fake_samples = RealSamples(fake_data, num_samples, seed + 1)
     ctx = EvalContext(RealSamples(data, num_samples, seed), fake_samples, bootstrap=bootstrap, seed=seed,

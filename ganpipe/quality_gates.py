@@ -1,16 +1,17 @@
 """Optional quality gates for exports (off by default): judge every candidate row on its own.
 
-- Discriminator gate (`--drop-lowest-d FRACTION`): the run's discriminator (from its latest
-  checkpoint) scores each row; rows scoring below a threshold are dropped. The threshold is the
-  FRACTION-quantile of the scores of CALIBRATION_ROWS calibration rows, one threshold per class
-  for conditional models (the discriminator rates some classes lower overall, and a global cut
-  would empty them), computed once per export and kept in the output's `.gates.json`, so every
-  rank and every rerun uses the same thresholds.
-- Memorisation check (`--memorisation-check report|drop`): each row's nearest training example in
-  fd_domain feature space (ganpipe.metrics.domain). Its distance divided by the typical distance
-  between a training example and its nearest other training example (the median over a sample)
-  is the row's near-copy ratio; below `--near-copy-ratio` the row is a near copy of a training
-  example: listed (`report`), or listed and dropped (`drop`).
+- Discriminator gate (`--drop-lowest-d FRACTION`, key export.drop_lowest_d): the run's
+  discriminator (from its latest checkpoint) scores each row; rows scoring below a threshold are
+  dropped. The threshold is the FRACTION-quantile of the scores of CALIBRATION_ROWS calibration
+  rows, one threshold per class for conditional models (the discriminator rates some classes lower
+  overall, and a global cut would empty them), computed once per export and kept in the output's
+  `.gates.json`, so every rank and every rerun uses the same thresholds.
+- Memorisation check (`--memorisation-check report|drop`, export.memorisation_check): each row's
+  nearest training example in fd_domain feature space (ganpipe.metrics.domain). Its distance
+  divided by the typical distance between a training example and its nearest other training
+  example (the median over a sample) is the row's near-copy ratio; below `--near-copy-ratio`
+  (export.near_copy_ratio) the row is a near copy of a training example: listed (`report`), or
+  listed and dropped (`drop`).
 
 A judgement depends on the row alone (fixed-shape forward passes and distance products, as in
 networks.generate), so a gated export is exactly as reproducible as an ungated one. The gated rows,
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from ganpipe import checkpoint, runs, storage
+from ganpipe.config import ExportConfig
 from ganpipe.errors import UserError
 from ganpipe.networks import NetworkSpec, build_discriminator, pad_rows, to_network_space
 
@@ -36,27 +38,24 @@ CALIBRATION_ROWS = 4096
 FIXED_ROWS = 256  # rows per forward pass / distance product, padded: results depend on the row alone
 SCALE_SAMPLE = 2000  # training rows whose nearest-neighbour distances set the near-copy scale
 DISTANCE_COLUMNS = 8192  # training rows per distance product: bounds memory for large training sets
-MEMORISATION_MODES = ("off", "report", "drop")
 
 
 @dataclass(frozen=True)
 class GateSettings:
-    drop_lowest_d: float = 0.0  # fraction of rows (by discriminator score) to drop; 0: off
-    memorisation: str = "off"  # off | report | drop
-    near_copy_ratio: float = 0.25
+    """The gate keys of the export config (export.drop_lowest_d, memorisation_check,
+    near_copy_ratio), as the export's identity and its .gates.json record them."""
+
+    drop_lowest_d: float  # fraction of rows (by discriminator score) to drop; 0: off
+    memorisation: str  # off | report | drop
+    near_copy_ratio: float
+
+    @classmethod
+    def from_config(cls, settings: ExportConfig) -> GateSettings:
+        return cls(settings.drop_lowest_d, settings.memorisation_check, settings.near_copy_ratio)
 
     @property
     def enabled(self) -> bool:
         return self.drop_lowest_d > 0 or self.memorisation != "off"
-
-    def validate(self) -> None:
-        if not 0 <= self.drop_lowest_d < 1:
-            raise UserError(f"--drop-lowest-d: expected a fraction in [0, 1), got {self.drop_lowest_d}")
-        if self.memorisation not in MEMORISATION_MODES:
-            raise UserError(f"--memorisation-check: expected one of {', '.join(MEMORISATION_MODES)}, "
-                            f"got {self.memorisation!r}")
-        if not self.near_copy_ratio > 0:
-            raise UserError(f"--near-copy-ratio: expected a positive number, got {self.near_copy_ratio}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,7 @@ import torch
 from ganpipe.config import Config
 from ganpipe.data import PreparedData
 from ganpipe.errors import UserError
-from ganpipe.models import NetworkSpec
+from ganpipe.networks import NetworkSpec
 
 
 def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:

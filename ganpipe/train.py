@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -35,6 +34,7 @@ from ganpipe.metrics import EvalContext, evaluate
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 from ganpipe.networks import build_discriminator, build_generator, generate, to_network_space
 from ganpipe.previews import save_grid, save_scatter
+from ganpipe.progress import Progress, duration
 from ganpipe.recipe import BatchSampler, network_spec
 from ganpipe.tracking import MlflowLogger
 from ganpipe.workers import worker_main
@@ -391,45 +391,11 @@ def _grad_norm(module: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-class Progress:
-    """A tqdm bar on a terminal; plain lines (for logs and Prefect) otherwise."""
-
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.enabled, self.total = enabled, total
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-        self.started, self.start_step = time.time(), start
-
-    def update(self, step: int, metrics: dict[str, float] | None) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            if metrics:
-                self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("d_loss", "g_loss") if k in metrics})
-            return
-        if metrics is None:
-            return
-        elapsed = time.time() - self.started
-        rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("d_loss", "g_loss", "d_real", "d_fake", "images_per_sec")
-                         if k in metrics)
-        print(f"step {step}/{self.total} {shown} eta={_duration(eta)}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def training_line(progress: Progress, metrics: dict[str, float] | None) -> str:
+    """`step N/M d_loss=... eta=H:MM:SS`: the flow's TrainingProgress parses these lines."""
+    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("d_loss", "g_loss", "d_real", "d_fake", "images_per_sec")
+                     if metrics and k in metrics)
+    return f"step {progress.position}/{progress.total} {shown} eta={duration(progress.eta())}"
 
 
 def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -438,7 +404,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     acc = trainer.accelerator
     main = acc.is_main_process
     logger = MlflowLogger(cfg, run_dir, enabled=main)
-    progress = Progress(t.steps, trainer.step, enabled=main)
+    progress = Progress(t.steps, "train", "step", training_line, enabled=main, start=trainer.step,
+                        bar_keys=("d_loss", "g_loss"))
     if trainer.resumed_from is not None and main:
         print(f"resumed from step {trainer.resumed_from}", file=sys.stderr, flush=True)
     window_start, window_step = time.time(), trainer.step
@@ -461,7 +428,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 metrics["d_lr"] = trainer.nets.opt_d.param_groups[0]["lr"]
                 window_start, window_step = time.time(), step
                 logger.metrics(metrics, step)
-            progress.update(step, metrics)
+            progress.move_to(step, metrics)
             if step % t.sample_every == 0 or step == t.steps:
                 grid = trainer.preview()
                 if grid is not None:

@@ -13,7 +13,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from ganpipe.augment import augment
-from ganpipe.config import DataConfig
+from ganpipe.config import DataConfig, ExportConfig
 from ganpipe.data import ingest, open_prepared
 from ganpipe.export import export
 from ganpipe.generators import load_generator
@@ -85,7 +85,7 @@ def test_augment_from_a_model_mixes_exactly_and_every_row_traces_back(
 def test_augment_from_a_finished_export_takes_its_rows_in_index_order(
         tiny_run: Path, real_digits: Path, tmp_path: Path) -> None:
     exported = tmp_path / "exported"
-    export(str(tiny_run), 50, str(exported), shard_size=20, progress=False)
+    export(str(tiny_run), ExportConfig(num_images=50, out=str(exported), shard_size=20), progress=False)
     out = tmp_path / "mixed"
     result = augment(str(real_digits), str(exported), 0.75, str(out), shard_size=100)
     assert (result["num_real"], result["num_synthetic"]) == (60, 45)
@@ -105,7 +105,7 @@ def test_augment_rejects_bad_input(tiny_run: Path, real_digits: Path, tmp_path: 
     for extra, message in [(["--ratio", "0"], "--ratio"), (["--ratio", "100"], "needs 6000")]:
         synthetic = str(tmp_path / "small") if message == "needs 6000" else str(tiny_run)
         if message == "needs 6000":
-            export(str(tiny_run), 10, synthetic, shard_size=10, progress=False)
+            export(str(tiny_run), ExportConfig(num_images=10, out=synthetic, shard_size=10), progress=False)
         result = run_cli("augment", "--real", str(real_digits), "--synthetic", synthetic, *extra, "--out", str(out))
         errors = error_lines(result.stderr)
         assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-1000:]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import error_lines, last_json, run_cli
+from tests.conftest import error_lines, last_json, run_cli, write_config
 from tests.fixtures import write_random_weights
 
 pytestmark = pytest.mark.slow
@@ -189,6 +189,40 @@ def test_two_processes_gather_the_same_features_row_for_row(
         assert len(np.unique(two.round(4), axis=0)) == 11  # no row duplicated
     assert last_json(double.stdout)["fd_domain"]["value"] == pytest.approx(
         last_json(single_out)["fd_domain"]["value"], rel=1e-6)
+
+
+def test_a_config_file_sets_the_evaluation_and_flags_override_it(
+        image_sets: tuple[Path, Path], shared_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """`ganpipe evaluate` reads the eval section and seed of a config (a pipeline config serves)."""
+    real, fake = image_sets
+    monkeypatch.setenv("GANPIPE_HOME", str(shared_home))
+    config = write_config(tmp_path / "pipeline.yaml", "seed: 3\ndata: {source: builtin:digits}\n"
+                          "eval: {metrics: [fd_domain], num_samples: 9, bootstrap: 2, resolution: 16}\n")
+
+    def evaluate(*args: str) -> tuple[int, str, str]:
+        from ganpipe.cli import run
+
+        capsys.readouterr()
+        code = run(["evaluate", *args, "--real", str(real), "--fake", str(fake), "--json"])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = evaluate(str(config))
+    assert code == 0, err
+    result = last_json(out)
+    assert set(result) == {"fd_domain"}
+    assert (result["fd_domain"]["num_samples"], result["fd_domain"]["bootstrap"]) == (9, 2)
+
+    code, out, err = evaluate(str(config), "--set", "eval.bootstrap=4", "--num-samples", "8", "--bootstrap", "3")
+    assert code == 0, err
+    assert (last_json(out)["fd_domain"]["num_samples"], last_json(out)["fd_domain"]["bootstrap"]) == (8, 3)
+
+    bad = write_config(tmp_path / "bad.yaml", "eval: {metrics: [fd_domain], num_sample: 9}\n")
+    code, _, err = evaluate(str(bad))
+    assert code == 2 and error_lines(err) == [f"error: {bad}: unknown key 'eval.num_sample'"]
+    code, _, err = evaluate("--set", "eval.workers=2")
+    assert code == 2 and error_lines(err) == ["error: --set: unknown key 'eval.workers'"]
 
 
 def test_pipeline_evaluation_reports_cas_beside_real_accuracy(tiny_conditional_run: Path, tmp_path: Path,

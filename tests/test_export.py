@@ -16,11 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ganpipe import cli
+from ganpipe.config import ExportConfig
 from ganpipe.errors import UserError
-from ganpipe.export import encode_png, encode_pngs, export, row_seed
+from ganpipe.export import export, export_location
 from ganpipe.generators import load_generator
 from ganpipe.networks import NetworkSpec, build_generator, generate
-from tests.conftest import error_lines, last_json, run_cli
+from ganpipe.shards import encode_png, encode_pngs
+from ganpipe.synthetic_rows import row_seed
+from tests.conftest import error_lines, last_json, run_cli, write_config
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -71,7 +75,8 @@ def test_png_encoding_is_lossless_and_per_image() -> None:
 def test_parquet_export_has_exact_counts_loads_with_features_and_regenerates(
         tiny_conditional_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "synthetic"
-    result = export(str(tiny_conditional_run), 300, str(out), shard_size=128, seed=0, progress=False)
+    result = export(str(tiny_conditional_run), ExportConfig(num_images=300, out=str(out), shard_size=128, seed=0),
+                    progress=False)
     assert result["num_images"] == 300 and result["num_shards"] == 3 and result["shards_written"] == 3
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["rows"] for s in manifest["shards"]] == [128, 128, 44]
@@ -117,8 +122,8 @@ def test_parquet_export_has_exact_counts_loads_with_features_and_regenerates(
 def test_class_balance_and_explicit_counts_are_exact_and_imagefolder_round_trips(
         tiny_conditional_run: Path, tmp_path: Path) -> None:
     folder = tmp_path / "balanced"
-    result = export(str(tiny_conditional_run), 50, str(folder), fmt="imagefolder", shard_size=20,
-                    class_balance=True, progress=False)
+    result = export(str(tiny_conditional_run), ExportConfig(num_images=50, out=str(folder), format="imagefolder",
+                                                            shard_size=20, class_balance=True), progress=False)
     assert result["per_class_counts"] == {str(d): 5 for d in range(10)}
     assert sorted(p.name for p in (folder / "train").iterdir()) == ["00000", "00001", "00002"]
     rows = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
@@ -132,15 +137,18 @@ def test_class_balance_and_explicit_counts_are_exact_and_imagefolder_round_trips
     assert all((np.asarray(by_index[i]["image"])[:, :, None] == again[i].numpy()).all() for i in range(50))
 
     counted = tmp_path / "counted"
-    result = export(str(tiny_conditional_run), 20, str(counted), class_counts={"3": 7, "5": 13}, progress=False)
+    result = export(str(tiny_conditional_run), ExportConfig(num_images=20, out=str(counted),
+                                                            class_counts={"3": 7, "5": 13}), progress=False)
     rows = datasets.load_dataset("parquet", data_files=str(counted / "data/*.parquet"), split="train")
     assert np.bincount(np.asarray(rows["label"]), minlength=10).tolist() == [0, 0, 0, 7, 0, 13, 0, 0, 0, 0]
     assert result["per_class_counts"]["3"] == 7 and result["per_class_counts"]["5"] == 13
 
     with pytest.raises(UserError, match="add up to 19"):
-        export(str(tiny_conditional_run), 20, str(tmp_path / "x"), class_counts={"3": 7, "5": 12}, progress=False)
+        export(str(tiny_conditional_run), ExportConfig(num_images=20, out=str(tmp_path / "x"),
+                                                       class_counts={"3": 7, "5": 12}), progress=False)
     with pytest.raises(UserError, match="unknown class"):
-        export(str(tiny_conditional_run), 20, str(tmp_path / "y"), class_counts={"cat": 20}, progress=False)
+        export(str(tiny_conditional_run), ExportConfig(num_images=20, out=str(tmp_path / "y"),
+                                                       class_counts={"cat": 20}), progress=False)
 
 
 def test_cli_reports_progress_and_rejects_bad_input(tiny_run: Path, tmp_path: Path) -> None:
@@ -166,6 +174,65 @@ def test_cli_reports_progress_and_rejects_bad_input(tiny_run: Path, tmp_path: Pa
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "data").iterdir()) == before
 
 
+# --- one config surface: a config file's export section, --set, flags ----------------------------------
+
+def _export_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.run(["export", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_reads_the_export_section_of_a_config_and_flags_override_it(
+        tiny_conditional_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # A pipeline config serves as is: `ganpipe export` reads its export and storage sections only.
+    config = write_config(tmp_path / "pipeline.yaml", f"""
+data: {{source: builtin:digits, resolution: 16}}
+model: {{family: dcgan, conditional: true}}
+train: {{steps: 20}}
+export:
+  num_images: 30
+  out: {tmp_path / "from-config"}
+  shard_size: 16
+  seed: 4
+  class_counts: {{3: 10, 5: 20}}
+""")
+    model = str(tiny_conditional_run)
+    code, out, err = _export_in_process(capsys, str(config), "--model", model, "--json")
+    assert code == 0, err
+    result = last_json(out)
+    assert result["out"] == str(tmp_path / "from-config") and result["num_shards"] == 2
+    assert {k: v for k, v in result["per_class_counts"].items() if v} == {"3": 10, "5": 20}
+    manifest = json.loads((tmp_path / "from-config" / "manifest.json").read_text())
+    assert (manifest["num_images"], manifest["shard_size"], manifest["seed"]) == (30, 16, 4)
+
+    # --set overrides the file, and a flag (a shorthand for its key) overrides both.
+    code, out, err = _export_in_process(capsys, str(config), "--model", model, "--set", "export.seed=9",
+                                        "--set", "export.shard_size=8", "--seed", "5",
+                                        "--out", str(tmp_path / "flagged"), "--class-balance",
+                                        "--set", "export.class_counts=null", "--json")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "flagged" / "manifest.json").read_text())
+    assert (manifest["seed"], manifest["shard_size"], manifest["labels"]["mode"]) == (5, 8, "balanced")
+
+    # Unknown keys inside the sections it reads are refused, naming the key; so are bad values.
+    bad = write_config(tmp_path / "bad.yaml", "export: {num_images: 10, shard_sise: 4}\n")
+    code, _, err = _export_in_process(capsys, str(bad), "--model", model, "--out", str(tmp_path / "b"))
+    assert code == 2 and error_lines(err) == [f"error: {bad}: unknown key 'export.shard_sise'"]
+    code, _, err = _export_in_process(capsys, "--model", model, "--out", str(tmp_path / "b"), "--num-images", "5",
+                                      "--set", "export.drop_lowest=0.5")
+    assert code == 2 and error_lines(err) == ["error: --set: unknown key 'export.drop_lowest'"]
+    code, _, err = _export_in_process(capsys, str(config), "--model", model, "--drop-lowest-d", "1.5")
+    assert code == 2 and len(error_lines(err)) == 1
+    assert error_lines(err)[0].startswith("error: --drop-lowest-d: key 'export.drop_lowest_d'")
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_default_export_location_is_chosen_in_one_place(ganpipe_home: Path) -> None:
+    assert export_location(ExportConfig(), "digits", "v3") == str(ganpipe_home / "exports" / "digits" / "v3")
+    assert export_location(ExportConfig(out="s3://bucket/x"), "digits", "v3") == "s3://bucket/x"
+
+
 # --- S3 (moto server on 127.0.0.1) -------------------------------------------------------------------
 
 def test_export_to_s3_round_trips_and_resumes(tiny_run: Path, s3: tuple[str, str],
@@ -178,7 +245,7 @@ def test_export_to_s3_round_trips_and_resumes(tiny_run: Path, s3: tuple[str, str
 
     endpoint, bucket = s3
     uri = f"s3://{bucket}/synthetic/v1"
-    result = export(str(tiny_run), 100, uri, shard_size=40, progress=False)
+    result = export(str(tiny_run), ExportConfig(num_images=100, out=uri, shard_size=40), progress=False)
     assert result["num_images"] == 100 and result["shards_written"] == 3
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     manifest = json.loads(fs.cat_file(f"{bucket}/synthetic/v1/manifest.json"))
@@ -193,10 +260,12 @@ def test_export_to_s3_round_trips_and_resumes(tiny_run: Path, s3: tuple[str, str
     by_index = {row["index"]: np.asarray(row["image"]) for row in rows}
     assert all((by_index[i][:, :, None] == again[i].numpy()).all() for i in range(100))
     # A rerun finds every shard committed and writes nothing.
-    assert export(str(tiny_run), 100, uri, shard_size=40, progress=False)["shards_written"] == 0
+    assert export(str(tiny_run), ExportConfig(num_images=100, out=uri, shard_size=40),
+                  progress=False)["shards_written"] == 0
 
     folder_uri = f"s3://{bucket}/synthetic/folder"
-    export(str(tiny_run), 30, folder_uri, fmt="imagefolder", shard_size=16, progress=False)
+    export(str(tiny_run), ExportConfig(num_images=30, out=folder_uri, format="imagefolder", shard_size=16),
+           progress=False)
     assert len(fs.glob(f"{bucket}/synthetic/folder/train/00000/*.png")) == 16
     metadata = pq.read_table(f"{bucket}/synthetic/folder/train/00001/metadata.parquet", filesystem=fs)
     assert metadata.column("index").to_pylist() == list(range(16, 30))
@@ -220,7 +289,7 @@ def test_export_killed_part_way_reruns_to_the_uninterrupted_rows(tiny_run: Path,
 
     n, shard = 8000, 250
     reference = tmp_path / "reference"
-    export(str(tiny_run), n, str(reference), shard_size=shard, progress=False)
+    export(str(tiny_run), ExportConfig(num_images=n, out=str(reference), shard_size=shard), progress=False)
 
     out = tmp_path / "killed"
     marker = uuid.uuid4().hex

@@ -16,11 +16,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ganpipe import checkpoint
+from ganpipe.config import ExportConfig
 from ganpipe.errors import UserError
-from ganpipe.export import export, row_seed
+from ganpipe.export import export
 from ganpipe.generators import load_generator
 from ganpipe.networks import build_discriminator, generate
-from ganpipe.quality_gates import GateSettings
+from ganpipe.synthetic_rows import row_seed
+from tests.conftest import write_config
 from tests.test_export import image_bytes, pixels, read_rows
 
 
@@ -43,8 +45,9 @@ def test_registry_export_discriminator_gate_and_pyfunc_regeneration(tiny_run: Pa
     client.set_registered_model_alias("tiny-export", "champion", registered["version"])
 
     out = tmp_path / "gated"
-    result = export("models:/tiny-export@champion", 300, str(out), shard_size=128, seed=0, progress=False,
-                    gates=GateSettings(drop_lowest_d=0.25))
+    result = export("models:/tiny-export@champion",
+                    ExportConfig(num_images=300, out=str(out), shard_size=128, seed=0, drop_lowest_d=0.25),
+                    progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model_uri"] == f"models:/tiny-export/{registered['version']}"
     assert manifest["model"]["name"] == "tiny-export" and manifest["model"]["run_dir"] == str(tiny_run)
@@ -79,8 +82,8 @@ def test_registry_export_discriminator_gate_and_pyfunc_regeneration(tiny_run: Pa
     # Without the version's ganpipe.run_dir tag there is no discriminator to ask: a clear error.
     client.delete_model_version_tag("tiny-export", str(registered["version"]), "ganpipe.run_dir")
     with pytest.raises(UserError, match="no ganpipe.run_dir tag"):
-        export("models:/tiny-export@champion", 50, str(tmp_path / "untagged"), progress=False,
-               gates=GateSettings(drop_lowest_d=0.1))
+        export("models:/tiny-export@champion",
+               ExportConfig(num_images=50, out=str(tmp_path / "untagged"), drop_lowest_d=0.1), progress=False)
 
 
 @pytest.mark.slow
@@ -93,7 +96,7 @@ def test_memorisation_check_finds_exactly_the_planted_training_copies(tiny_run: 
     from ganpipe.data import ingest, open_prepared
 
     plain = tmp_path / "plain"
-    export(str(tiny_run), 40, str(plain), shard_size=40, progress=False)
+    export(str(tiny_run), ExportConfig(num_images=40, out=str(plain), shard_size=40), progress=False)
     planted_rows = [3, 17, 31]
     planted = np.stack([pixels(image_bytes(read_rows(plain))[i]) for i in planted_rows])
 
@@ -117,8 +120,8 @@ def test_memorisation_check_finds_exactly_the_planted_training_copies(tiny_run: 
     (copy / "run.json").write_text(json.dumps(info))
 
     out = tmp_path / "checked"
-    result = export(str(copy), 40, str(out), shard_size=16, progress=False,
-                    gates=GateSettings(memorisation="drop", near_copy_ratio=0.01))
+    result = export(str(copy), ExportConfig(num_images=40, out=str(out), shard_size=16, memorisation_check="drop",
+                                            near_copy_ratio=0.01), progress=False)
     gated = gated_rows(out)
     # The 20-step test generator makes near-identical blobs, whose ratios sit at 0.035-0.05: the
     # planted exact copies (~1e-7) are told apart from them by a threshold of 0.01.
@@ -139,7 +142,22 @@ def test_memorisation_check_finds_exactly_the_planted_training_copies(tiny_run: 
 
     # Report mode lists the same rows and keeps them all.
     reported = tmp_path / "reported"
-    result = export(str(copy), 40, str(reported), shard_size=16, progress=False,
-                    gates=GateSettings(memorisation="report", near_copy_ratio=0.01))
+    result = export(str(copy), ExportConfig(num_images=40, out=str(reported), shard_size=16,
+                                            memorisation_check="report", near_copy_ratio=0.01), progress=False)
     assert result["num_images"] == 40 and result["num_dropped"] == 0
     assert [(r["index"], r["dropped"]) for r in gated_rows(reported)] == [(i, False) for i in planted_rows]
+
+
+def test_the_pipeline_export_task_honours_the_gate_keys(tiny_run: Path, tmp_path: Path) -> None:
+    """export.drop_lowest_d in a pipeline config gates the flows' export as the flag gates the CLI's."""
+    from flows.pipeline import export_task
+
+    config = write_config(tmp_path / "pipeline.yaml", "data: {source: builtin:digits, resolution: 16}\n"
+                          "export: {num_images: 64, shard_size: 32, drop_lowest_d: 0.25}\n")
+    out = tmp_path / "gated"
+    result = export_task.fn(str(tiny_run), str(out), str(config), ["export.seed=2"], None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["gate_settings"] == {"drop_lowest_d": 0.25, "memorisation": "off", "near_copy_ratio": 0.25}
+    assert manifest["gates"]["discriminator"]["fraction"] == 0.25 and manifest["seed"] == 2
+    dropped = [row["index"] for row in gated_rows(out) if row["dropped"]]
+    assert dropped and result["num_dropped"] == len(dropped) and result["num_images"] == 64 - len(dropped)

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from ganpipe import cli
-from ganpipe.export import row_seed
 from ganpipe.generators import load_generator
 from ganpipe.networks import generate
 from ganpipe.registry import register_run
+from ganpipe.synthetic_rows import row_seed
 from tests.conftest import error_lines, last_json, run_cli
 from tests.test_registry import copy_run
 
