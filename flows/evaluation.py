@@ -11,8 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import (
-    _config,
     champion_uri,
+    load_flow_config,
     metrics_markdown,
     publish_metrics_table,
     resolve_model_task,
@@ -25,7 +25,7 @@ from ganpipe.errors import EvaluationFailed
 def evaluate_model_task(model_uri: str, config_path: str, overrides: list[str] | None) -> dict[str, Any]:
     from ganpipe.evaluate import evaluate_sources
 
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     e = cfg.eval
     metrics = evaluate_sources(cfg.data.source, model_uri, e.metrics, e.num_samples, bootstrap=e.bootstrap,
                                inception_weights=e.inception_weights, seed=cfg.seed,
@@ -38,7 +38,7 @@ def evaluate_model_task(model_uri: str, config_path: str, overrides: list[str] |
 @flow(name="ganpipe-evaluation")
 def evaluation_flow(config_path: str, overrides: list[str] | None = None,
                     model_uri: str | None = None) -> dict[str, Any]:
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     model = run_stage("resolve-model", resolve_model_task, model_uri or champion_uri(cfg))
     metrics = run_stage("evaluate", evaluate_model_task, model["model_uri"], config_path, overrides)
     rows = publish_metrics_table(metrics)

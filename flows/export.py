@@ -10,10 +10,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import (
-    _config,
     champion_uri,
     export_line,
     export_task,
+    load_flow_config,
     resolve_model_task,
     run_stage,
 )
@@ -26,7 +26,7 @@ def export_flow(config_path: str, overrides: list[str] | None = None, model_uri:
     """`out` defaults to export.out, else $GANPIPE_HOME/exports/<register.name>/v<version>."""
     from ganpipe.export import export_location  # torch: loaded when the flow runs, not when it is imported
 
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     if cfg.export.num_images < 1:
         raise UserError("export.num_images: set how many rows to export (e.g. --set export.num_images=10000)")
     model = run_stage("resolve-model", resolve_model_task, model_uri or champion_uri(cfg))

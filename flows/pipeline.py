@@ -40,7 +40,7 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
 RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": retry_unless_bad_input}
 
 
-def _config(config_path: str, overrides: list[str] | None) -> Config:
+def load_flow_config(config_path: str, overrides: list[str] | None) -> Config:
     return load_config(config_path, list(overrides or []))
 
 
@@ -56,7 +56,7 @@ def ingest_task(config_path: str, overrides: list[str] | None) -> dict[str, Any]
     unchanged dataset is a cache hit that decodes nothing, in this flow run or any later one."""
     from ganpipe.data import ingest
 
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     result = ingest(cfg.data, cfg.storage.endpoint_url).to_json()
     get_run_logger().info("ingest: %s records, fingerprint %s (%s)", result["num_records"],
                           result["fingerprint"], "cache hit" if result["cached"] else "prepared")
@@ -107,14 +107,14 @@ def train_task(config_path: str, overrides: list[str] | None) -> dict[str, Any]:
     flow run or hitting its timeout kills the training's whole process tree (ganpipe.launch)."""
     from ganpipe.launch import launch_training
 
-    return launch_training(_config(config_path, overrides), resume="auto", on_line=TrainingProgress().on_line)
+    return launch_training(load_flow_config(config_path, overrides), resume="auto", on_line=TrainingProgress().on_line)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(run_dir: str, config_path: str, overrides: list[str] | None) -> dict[str, Any]:
     from ganpipe.evaluate import evaluate_run
 
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     evaluation = evaluate_run(Path(run_dir), cfg)
     require_primary_metric(cfg, evaluation["metrics"])
     return evaluation
@@ -159,7 +159,7 @@ def export_task(model_uri: str, out: str, config_path: str, overrides: list[str]
     Finished shards are kept, so a retry continues where the failed attempt stopped."""
     from ganpipe.export import export
 
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     return export(model_uri, cfg.export.model_copy(update={"out": out}), cfg.storage.endpoint_url,
                   training_counts=training_counts)
 
@@ -193,7 +193,7 @@ def training_pipeline(config_path: str, overrides: list[str] | None = None) -> d
     """ingest -> train -> evaluate -> register -> export (when export.num_images > 0) of the config
     at `config_path` with `overrides` (dotted.key=value). Each stage starts only when the one
     before it succeeded: a failed evaluation registers nothing."""
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     check_evaluation(cfg)
     data = run_stage("ingest", ingest_task, config_path, overrides)
     trained = run_stage("train", train_task, config_path, overrides)
