@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ from ganpipe.shards import (
     scratch_dir,
 )
 from ganpipe.synthetic_rows import LabelPlan, class_names, hf_features, label_plan, row_seed, shard_table
-from ganpipe.workers import report_error, run_workers
+from ganpipe.workers import run_workers, worker_main
 
 FORMAT_VERSION = 2  # 2: metadata.parquet in image folders, quality gates, candidate rows per shard
 GENERATE_ROWS = 256  # rows per generated batch: the default (fixed) forward shape of models.generate
@@ -84,37 +83,18 @@ class ExportJob:
     shards: list[int]  # the shards still to write
     endpoint_url: str | None = None
     gates: dict[str, Any] | None = None  # see ganpipe.quality_gates.prepare_gates
-    parent_pid: int | None = None  # ranks stop when this process is gone
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "plan": asdict(self.plan), "labels": self.labels.to_json(),
-                "shards": self.shards, "endpoint_url": self.endpoint_url, "gates": self.gates,
-                "parent_pid": self.parent_pid}
+                "shards": self.shards, "endpoint_url": self.endpoint_url, "gates": self.gates}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExportJob:
         return cls(data["model"], ExportPlan(**data["plan"]), LabelPlan.from_json(data["labels"]), data["shards"],
-                   data["endpoint_url"], data["gates"], data["parent_pid"])
+                   data["endpoint_url"], data["gates"])
 
 
 # --- one rank's work ----------------------------------------------------------------------------
-
-class ParentGone(RuntimeError):
-    """The `ganpipe export` process that started this rank died (e.g. SIGKILL): stop, don't orphan."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed parent that nobody has reaped yet is a zombie: gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
 
 def write_shards(job: ExportJob, rank: int, world: int, device: torch.device | str,
                  report: Callable[[int], None]) -> None:
@@ -139,8 +119,6 @@ def _write_shard(job: ExportJob, k: int, loaded: LoadedGenerator, gates: Quality
         shard = plan.open_shard(Path(tmp), hf_features(spec))
         pending: deque[Future] = deque()
         for begin in range(start, stop, GENERATE_ROWS):
-            if job.parent_pid is not None and not _alive(job.parent_pid):
-                raise ParentGone(f"the export process {job.parent_pid} is gone")
             samples, labels, seeds, indices = generate_rows(loaded, job.labels, plan.seed, begin,
                                                             min(stop, begin + GENERATE_ROWS), device)
             candidates = len(indices)
@@ -341,10 +319,9 @@ Load with `datasets.{load}`. See manifest.json for per-shard row counts and chec
 
 def launch_ranks(job: ExportJob, processes: int, meter: Progress) -> None:
     """Run `processes` ranks under `accelerate launch` (their own process group, killed with us on
-    SIGTERM/Ctrl-C; on SIGKILL they notice we are gone and stop). Their progress lines feed `meter`."""
+    SIGTERM/Ctrl-C; on SIGKILL their watchdog stops them: ganpipe.workers). Their progress lines feed `meter`."""
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
         raise UserError(f"--num-processes {processes}: only {torch.cuda.device_count()} GPU(s) here")
-    job.parent_pid = os.getpid()
 
     def on_line(line: str) -> None:
         if line.startswith(PROGRESS_TAG):
@@ -375,17 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROGRESS_TAG} {rows}", flush=True)
 
     try:
-        write_shards(job, state.process_index, state.num_processes, state.device, report)
-    except UserError as exc:
-        report_error(exc)
-        return 2
-    except ParentGone as exc:
-        report_error(exc)
-        return 1
+        return worker_main(lambda: write_shards(job, state.process_index, state.num_processes, state.device, report))
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
