@@ -24,7 +24,7 @@ from ganpipe.config import load_config
 from ganpipe.launch import prepare_run
 from ganpipe.losses import d_logistic, g_non_saturating
 from ganpipe.networks import build_discriminator, build_generator, to_network_space
-from ganpipe.train import Trainer
+from ganpipe.trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +84,8 @@ def _add_command_config(parser: argparse.ArgumentParser, section: str, used: str
 
 
 # --- commands ----------------------------------------------------------------------------------
+# Each command imports its stage inside its function, on purpose: torch, mlflow and prefect take
+# seconds to import, and `ganpipe --help` or a bad config (exit 2) should not wait for them.
 
 def cmd_ingest(args: argparse.Namespace) -> None:
     from ganpipe.data import ingest
@@ -148,72 +149,11 @@ def cmd_register(args: argparse.Namespace) -> None:
                          f"(aliases: {', '.join(result['aliases']) or 'none'})", result["decision"]])
 
 
-def _parse_labels(text: str | None, spec: Any) -> list[int] | None:
-    """`--labels 3,7` or class names: ids into spec.classes. None when not given."""
-    if text is None:
-        return None
-    if not spec.conditional:
-        raise UserError("--labels: this model is unconditional")
-    names = list(spec.classes)
-    labels = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        if item in names:
-            labels.append(names.index(item))
-        elif item.lstrip("-").isdigit() and 0 <= int(item) < spec.num_classes:
-            labels.append(int(item))
-        else:
-            raise UserError(f"--labels: {item!r} is not a class of this model "
-                            f"(ids 0..{spec.num_classes - 1} or names {', '.join(names)})")
-    if not labels:
-        raise UserError("--labels: no labels given")
-    return labels
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
-    import numpy as np
+    from ganpipe.generate import generate_to_file
 
-    from ganpipe import storage
-    from ganpipe.generators import load_generator
-    from ganpipe.networks import generate
-    from ganpipe.synthetic_rows import row_seed, shard_table
-
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npy", ".parquet"):
-        raise UserError(f"--out {out}: expected a .png, .npy or .parquet file")
-    if args.num_images < 1:
-        raise UserError("--num-images must be at least 1")
-    if not 0 <= args.seed < 2**31:
-        raise UserError(f"--seed {args.seed}: expected 0 <= seed < 2**31")
-    if args.truncation is not None and not args.truncation > 0:
-        raise UserError(f"--truncation {args.truncation}: expected a positive number")
-    loaded = load_generator(args.model)
-    spec = loaded.spec
-    if out.suffix == ".png" and not spec.is_image:
-        raise UserError("--out .png needs an image model; use .npy or .parquet for vectors")
-    labels = _parse_labels(args.labels, spec)
-    if spec.conditional:  # the given labels (default: every class) cycled over the rows
-        labels = labels or list(range(spec.num_classes))
-        labels = [labels[i % len(labels)] for i in range(args.num_images)]
-    # Row i has the seed `ganpipe export` gives row i: either command regenerates the other's rows.
-    indices = np.arange(args.num_images, dtype=np.int64)
-    seeds = row_seed(args.seed, indices)
-    samples = generate(loaded.generator, spec, seeds.tolist(), labels, truncation=args.truncation)
-    with tempfile.TemporaryDirectory() as tmp:  # written whole, then moved into place
-        staged = Path(tmp) / out.name
-        if out.suffix == ".png":
-            from ganpipe.previews import save_grid
-
-            save_grid(samples, staged)
-        elif out.suffix == ".npy":
-            np.save(staged, samples.numpy())
-        else:
-            import pyarrow.parquet as pq
-
-            pq.write_table(shard_table(spec, samples, np.asarray(labels) if labels else None, seeds, indices,
-                                      None), staged)
-        storage.upload_file_atomic(staged, str(out.absolute()))
-    _emit(args, {"out": str(out), "num_images": args.num_images, "model": loaded.source.get("model_uri")},
-          [f"wrote {args.num_images} samples to {out}"])
+    result = generate_to_file(args.model, Path(args.out), args.num_images, args.seed, args.labels, args.truncation)
+    _emit(args, result, [f"wrote {args.num_images} samples to {args.out}"])
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -20,6 +20,10 @@ class EvaluationFailed(Failure):
     the evaluation flow, the promotion metric in the pipeline (which then registers nothing)."""
 
 
+class Diverged(Failure):
+    """Non-finite losses or weights: training stops, naming the step and the last good checkpoint."""
+
+
 class StageError(Exception):
     """A pipeline stage failed; carries the stage name so flows can report it."""
 

@@ -20,7 +20,7 @@ from ganpipe import checkpoint
 from ganpipe.config import load_config
 from ganpipe.errors import UserError
 from ganpipe.recipe import BatchSampler
-from ganpipe.train import update_ema
+from ganpipe.trainer import update_ema
 from tests.conftest import GANPIPE, TINY_DIGITS, error_lines, last_json, run_cli, write_config
 
 # --- units -------------------------------------------------------------------------------------

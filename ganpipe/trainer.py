@@ -1,0 +1,319 @@
+"""One training process's state and its updates: the networks, optimisers, data sampler and noise
+streams of one rank, the discriminator and generator updates, the EMA, the learning-rate schedule,
+resume from and save to checkpoints. The loop that drives it is `ganpipe.train`.
+
+All randomness comes from explicit generators whose states are checkpointed, so a resumed run
+continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ganpipe import checkpoint, runs
+from ganpipe.config import Config
+from ganpipe.data import open_prepared
+from ganpipe.errors import Diverged, UserError
+from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
+from ganpipe.networks import build_discriminator, build_generator, to_network_space
+from ganpipe.recipe import BatchSampler, network_spec
+
+
+@dataclass
+class Nets:
+    G: nn.Module  # prepared (DDP-wrapped under several processes)
+    D: nn.Module
+    g_raw: nn.Module  # the plain modules: what checkpoints hold
+    d_raw: nn.Module
+    ema: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+class Trainer:
+    """Holds what one process needs for the loop; the updates are small methods below."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir, t = cfg, run_dir, cfg.train
+        self.accelerator = Accelerator(cpu=t.cpu or not torch.cuda.is_available(),
+                                       mixed_precision=t.mixed_precision)
+        acc = self.accelerator
+        self.device = acc.device
+        info = runs.read_info(run_dir)
+        self.data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
+        self.spec = network_spec(cfg, self.data)
+        per_process = t.batch_size // acc.num_processes
+        if t.batch_size % acc.num_processes or per_process % t.grad_accum or \
+                (per_process // t.grad_accum) % cfg.model.pack:
+            raise UserError(f"train.batch_size {t.batch_size} must divide into {acc.num_processes} processes "
+                            f"x {t.grad_accum} accumulation steps x model.pack {cfg.model.pack}")
+        self.d_loss_fn, self.g_loss_fn = LOSSES[t.loss]
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        g_raw, d_raw = build_generator(self.spec), build_discriminator(self.spec)
+        memory_format = torch.channels_last if t.channels_last and self.spec.is_image else torch.contiguous_format
+        g_raw.to(self.device, memory_format=memory_format)
+        d_raw.to(self.device, memory_format=memory_format)
+        self.memory_format = memory_format
+        ema = copy.deepcopy(g_raw).eval().requires_grad_(False)
+        fused = self.device.type == "cuda"
+        opt_g = torch.optim.Adam(g_raw.parameters(), lr=t.g_lr, betas=t.betas, fused=fused or None)
+        opt_d = torch.optim.Adam(d_raw.parameters(), lr=t.d_lr, betas=t.betas, fused=fused or None)
+
+        self.sampler = BatchSampler(self.data.num_records, t.batch_size, cfg.seed, acc.process_index,
+                                    acc.num_processes)
+        self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + acc.process_index)
+        self.step, self.d_updates, self.g_updates, self.phase, self.phase_updates = 0, 0, 0, "d", 0
+        self.resumed_from = self._resume(g_raw, d_raw, ema, opt_g, opt_d)
+
+        compiled_g = torch.compile(g_raw) if t.compile else g_raw
+        # Double backward (gradient penalties) is not supported through compiled graphs.
+        compiled_d = torch.compile(d_raw) if t.compile and t.loss != "wgan_gp" and not t.r1_gamma else d_raw
+        G, D, opt_g, opt_d = acc.prepare(compiled_g, compiled_d, opt_g, opt_d)
+        self.nets = Nets(G, D, g_raw, d_raw, ema, opt_g, opt_d)
+        if self.resumed_from is not None and acc.scaler is not None and "scaler" in self._resume_state:
+            acc.scaler.load_state_dict(self._resume_state["scaler"])
+        self._resume_state = {}
+        self.first_bad_step = torch.tensor(-1, device=self.device)
+
+    # --- resume ------------------------------------------------------------------------------
+    def _resume(self, g_raw, d_raw, ema, opt_g, opt_d) -> int | None:
+        self._resume_state: dict[str, Any] = {}
+        if self.accelerator.is_main_process:
+            checkpoint.remove_partial(self.run_dir)
+        self.accelerator.wait_for_everyone()
+        latest = checkpoint.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return None
+        networks, state = checkpoint.load_checkpoint(latest)
+        g_raw.load_state_dict(networks["G"])
+        d_raw.load_state_dict(networks["D"])
+        ema.load_state_dict(networks["G_ema"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        self.step, self.g_updates = int(state["step"]), int(state["g_updates"])
+        self.d_updates = int(state["d_updates"])
+        self.phase, self.phase_updates = str(state["phase"]), int(state["phase_updates"])
+        self.sampler.load_state_dict(state["sampler"])
+        noise_states = state["noise"]
+        if len(noise_states) == self.accelerator.num_processes:
+            self.noise.set_state(noise_states[self.accelerator.process_index])
+        else:  # a different number of processes: continue, with fresh per-rank noise streams
+            self.noise.manual_seed(self.cfg.seed * 7919 + 1 + self.accelerator.process_index + self.step)
+        torch.set_rng_state(state["torch_rng"])
+        self._resume_state = state
+        return self.step
+
+    # --- data and noise ---------------------------------------------------------------------
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raw, labels = self.data.gather(self.sampler.next_indices())
+        x = to_network_space(torch.from_numpy(raw), self.spec)
+        x = x.to(self.device, non_blocking=True)
+        if self.spec.is_image:
+            x = x.contiguous(memory_format=self.memory_format)
+        y = torch.from_numpy(labels).to(self.device) if self.spec.conditional else None
+        return x, y
+
+    def latents(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.spec.latent_dim, generator=self.noise).to(self.device, non_blocking=True)
+
+    def _micro_batches(self, *tensors: torch.Tensor | None) -> list[tuple]:
+        """Split each tensor into train.grad_accum micro-batches (None stays None)."""
+        accum = self.cfg.train.grad_accum
+        parts = [t.chunk(accum) if t is not None else [None] * accum for t in tensors]
+        return list(zip(*parts, strict=True))
+
+    # --- the two updates --------------------------------------------------------------------
+    def discriminator_update(self) -> dict[str, torch.Tensor]:
+        t, nets, acc = self.cfg.train, self.nets, self.accelerator
+        real_all, labels_all = self.real_batch()
+        # Draw the whole batch's noise at once: accumulation then sees exactly the full batch.
+        z_all = self.latents(real_all.shape[0])
+        nets.D.requires_grad_(True)
+        stats: dict[str, torch.Tensor] = {}
+        micro = self._micro_batches(real_all, labels_all, z_all)
+        for i, (real, labels, z) in enumerate(micro):
+            with torch.no_grad():
+                fake = nets.G(z, labels)
+            sync = acc.no_sync(nets.D) if i < len(micro) - 1 else nullcontext()
+            with sync:
+                if t.r1_gamma:
+                    real = real.detach().requires_grad_(True)
+                real_logits = nets.D(real, labels).float()
+                fake_logits = nets.D(fake, labels).float()
+                loss = self.d_loss_fn(real_logits, fake_logits)
+                if t.loss == "wgan_gp":
+                    gp = gradient_penalty(nets.D, real, fake, labels, self.noise)
+                    loss = loss + t.gp_weight * gp
+                    add_stat(stats, "gradient_penalty", gp, len(micro))
+                if t.r1_gamma:
+                    r1 = r1_penalty(real_logits, real)
+                    loss = loss + 0.5 * t.r1_gamma * r1
+                    add_stat(stats, "r1_penalty", r1, len(micro))
+                acc.backward(loss / len(micro))
+            add_stat(stats, "d_loss", loss, len(micro))
+            add_stat(stats, "d_real", torch.sigmoid(real_logits).mean(), len(micro))
+            add_stat(stats, "d_fake", torch.sigmoid(fake_logits).mean(), len(micro))
+        stats["d_grad_norm"] = grad_norm(nets.d_raw)
+        nets.opt_d.step()
+        nets.opt_d.zero_grad(set_to_none=True)
+        self.average_buffers(nets.d_raw)
+        self.d_updates += 1
+        return stats
+
+    def generator_update(self) -> dict[str, torch.Tensor]:
+        nets, acc = self.nets, self.accelerator
+        accum = self.cfg.train.grad_accum
+        n = self.cfg.train.batch_size // acc.num_processes
+        z_all = self.latents(n)
+        labels_all = None
+        if self.spec.conditional:  # classes drawn uniformly, so every class gets trained
+            labels_all = torch.randint(self.spec.num_classes, (n,), generator=self.noise).to(self.device)
+        nets.D.requires_grad_(False)  # frozen: no gradients for D, and no gradient sync for it
+        stats: dict[str, torch.Tensor] = {}
+        micro = self._micro_batches(z_all, labels_all)
+        for i, (z, labels) in enumerate(micro):
+            sync = acc.no_sync(nets.G) if i < accum - 1 else nullcontext()
+            with sync, acc.no_sync(nets.D):
+                fake = nets.G(z, labels)
+                loss = self.g_loss_fn(nets.D(fake, labels).float())
+                acc.backward(loss / accum)
+            add_stat(stats, "g_loss", loss, accum)
+        stats["g_grad_norm"] = grad_norm(nets.g_raw)
+        nets.opt_g.step()
+        nets.opt_g.zero_grad(set_to_none=True)
+        nets.D.requires_grad_(True)
+        self.average_buffers(nets.g_raw)
+        self.g_updates += 1
+        self.update_ema()
+        return stats
+
+    def average_buffers(self, module: nn.Module) -> None:
+        """Batch-norm statistics are updated from each rank's own batch, and DDP would only copy
+        rank 0's at the next forward. Averaging them after each update gives every rank (and the
+        EMA copy) statistics of the whole global batch. One all-reduce of a flat tensor."""
+        if self.accelerator.num_processes == 1:
+            return
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = self.accelerator.reduce(torch.cat([b.reshape(-1) for b in buffers]), "mean")
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
+    def update_ema(self) -> None:
+        # Ramp the decay up from 0 so short runs do not export their random initialisation.
+        decay = min(self.cfg.train.ema_decay, (1 + self.g_updates) / (10 + self.g_updates))
+        update_ema(self.nets.ema, self.nets.g_raw, decay)
+
+    def set_learning_rates(self) -> None:
+        """Linear decay to 0 from train.lr_decay_start * steps: a function of the step alone,
+        so a resumed run follows the same schedule."""
+        t = self.cfg.train
+        factor = 1.0
+        if t.lr_decay == "linear":
+            start = t.lr_decay_start * t.steps
+            factor = 1.0 - max(0.0, self.step - start) / max(t.steps - start, 1.0)
+        for optimizer, base in ((self.nets.opt_g, t.g_lr), (self.nets.opt_d, t.d_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor
+
+    def iteration(self) -> dict[str, torch.Tensor]:
+        """One training step: k D updates then one G update, or one update of the side the
+        adaptive schedule is on."""
+        t = self.cfg.train
+        self.set_learning_rates()
+        stats: dict[str, torch.Tensor] = {}
+        if t.schedule == "fixed":
+            for _ in range(t.d_steps):
+                stats.update(self.discriminator_update())
+            stats.update(self.generator_update())
+        else:
+            stats.update(self.adaptive_update())
+        losses = [v for k, v in stats.items() if k.endswith("loss")]
+        finite = torch.stack([torch.isfinite(v) for v in losses]).all()
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite,
+                                          torch.tensor(self.step + 1, device=self.device), self.first_bad_step)
+        return stats
+
+    def adaptive_update(self) -> dict[str, torch.Tensor]:
+        """Train one side until its loss crosses its threshold, then the other (capped at 50
+        updates in a row, so neither side starves). Needs the loss on every step (a sync)."""
+        t = self.cfg.train
+        if self.phase == "d":
+            stats = self.discriminator_update()
+            done = stats["d_loss"].item() < t.adaptive_d_threshold
+        else:
+            stats = self.generator_update()
+            done = stats["g_loss"].item() < t.adaptive_g_threshold
+        self.phase_updates += 1
+        if done or self.phase_updates >= 50:
+            self.phase, self.phase_updates = ("g" if self.phase == "d" else "d"), 0
+        stats["phase_is_d"] = torch.tensor(float(self.phase == "d"), device=self.device)
+        return stats
+
+    # --- saving ------------------------------------------------------------------------------
+    def check_finite(self, weights: bool = False) -> None:
+        """Stop on a non-finite loss since the last check (naming its step); with `weights`,
+        also on non-finite weights, so no checkpoint ever holds them."""
+        bad = self.accelerator.reduce(self.first_bad_step.clone(), "max")
+        if weights:
+            tensors = [t.detach() for m in (self.nets.g_raw, self.nets.d_raw, self.nets.ema)
+                       for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+            finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+            bad = torch.where(~finite & (bad < 0), torch.tensor(self.step, device=self.device), bad)
+        bad = int(bad.item())
+        if bad >= 0:
+            last = checkpoint.latest_checkpoint(self.run_dir)
+            raise Diverged(f"training diverged at step {bad}: non-finite loss or weights; last good checkpoint: "
+                           f"{last if last else 'none'}")
+
+    def save(self, info: dict[str, Any], score: float | None = None) -> Path | None:
+        acc = self.accelerator
+        noise_states = acc.gather(self.noise.get_state().to(self.device)[None]).cpu()
+        if not acc.is_main_process:
+            return None
+        state = {
+            "step": self.step, "d_updates": self.d_updates, "g_updates": self.g_updates, "phase": self.phase,
+            "phase_updates": self.phase_updates, "sampler": self.sampler.state_dict(),
+            "opt_g": self.nets.opt_g.state_dict(), "opt_d": self.nets.opt_d.state_dict(),
+            "noise": noise_states, "torch_rng": torch.get_rng_state(),
+        }
+        if acc.scaler is not None:
+            state["scaler"] = acc.scaler.state_dict()
+        networks = {"G": self.nets.g_raw.state_dict(), "D": self.nets.d_raw.state_dict(),
+                    "G_ema": self.nets.ema.state_dict()}
+        return checkpoint.save_checkpoint(self.run_dir, self.step, networks, state, info,
+                                          self.cfg.train.keep_checkpoints, score)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BN statistics) copied."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers(), strict=True):
+        ema_buffer.copy_(buffer)
+
+
+def add_stat(stats: dict[str, torch.Tensor], key: str, value: torch.Tensor, parts: int) -> None:
+    """Accumulate a micro-batch's share of a statistic as a tensor (no host sync per step)."""
+    value = value.detach().float() / parts
+    stats[key] = stats[key] + value if key in stats else value
+
+
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """Global L2 norm of a module's gradients, logged to spot exploding updates."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
