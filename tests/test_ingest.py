@@ -326,13 +326,14 @@ def test_cache_hit_decodes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     # The module, not the function `ganpipe.data.ingest` that the package exports under its name.
     ingest_module = importlib.import_module("ganpipe.data.ingest")
+    pool_module = importlib.import_module("ganpipe.data.pool")
     decode_module = importlib.import_module("ganpipe.data.decode")
 
     def must_not_run(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a cache hit opened or decoded the data")
 
     monkeypatch.setattr(ingest_module, "open_dataset", must_not_run)
-    monkeypatch.setattr(ingest_module, "decode_chunk", must_not_run)
+    monkeypatch.setattr(pool_module, "decode_chunk", must_not_run)
     monkeypatch.setattr(decode_module, "open_image", must_not_run)
     again = run_ingest(tmp_path / "d.parquet", resolution=8)
     assert again.cached and again.fingerprint == first.fingerprint and again.location == first.location

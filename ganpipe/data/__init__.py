@@ -1,4 +1,5 @@
-"""Data: open sources (sources), validate and prepare them once (ingest), read them fast (prepared)."""
+"""Data: open sources (sources), validate and prepare them once (ingest, with labels, decode and
+pool), write and read the prepared form fast (prepared)."""
 
 from ganpipe.data.ingest import IngestResult, ingest
 from ganpipe.data.prepared import PreparedData, open_prepared

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "F"}  # and the 16-bit modes, I;16*
+CHANNEL_SAMPLE = 64  # records looked at to choose 1 or 3 channels when data.channels is not set
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,17 @@ def plain_png(data: bytes) -> Image.Image | None:
 
 def is_grayscale(image: Image.Image) -> bool:
     return image.mode in GRAYSCALE_MODES or image.mode.startswith("I;16")
+
+
+def detect_channels(records: list[Record]) -> int:
+    """1 when the first decodable records are all greyscale, else 3."""
+    for record in records[:CHANNEL_SAMPLE]:
+        try:
+            if not is_grayscale(open_image(*record)):
+                return 3
+        except Exception:  # noqa: BLE001 - bad records are reported by the main pass
+            continue
+    return 1
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:

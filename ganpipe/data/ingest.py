@@ -19,21 +19,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ganpipe import storage
-from ganpipe.data.decode import ImageSpec, Record, decode_chunk, is_grayscale, open_image, warm_up
+from ganpipe.data.decode import CHANNEL_SAMPLE, ImageSpec, Record, detect_channels
+from ganpipe.data.labels import LABEL_NAMES, Labels, numeric
+from ganpipe.data.pool import PARALLEL_MIN_RECORDS, DecodePool, available_cpus, decode_tasks
+from ganpipe.data.prepared import RunningStats, ShardWriter, combined_hash
 from ganpipe.data.sources import (
     BATCH_ROWS,
     IMAGE_EXTENSIONS,
@@ -47,11 +48,7 @@ if TYPE_CHECKING:  # decode workers import this package: keep their start-up lig
     from ganpipe.config import DataConfig
 
 PREPARED_FORMAT = 2  # bump when the layout or the preprocessing changes
-LABEL_NAMES = ("label", "labels", "class", "target", "y", "category")
-CHUNK_BYTES = 16 << 20  # bytes (encoded in + decoded out) per decode task: large images do not pile up
-PARALLEL_MIN_RECORDS = 2048  # below this, worker processes cost more than they save
 PARALLEL_MIN_BYTES = 1 << 20  # image sources this large start their workers before anything is read
-CHANNEL_SAMPLE = 64  # records looked at to choose 1 or 3 channels when data.channels is not set
 
 
 @dataclass
@@ -107,10 +104,6 @@ def prepared_fingerprint(input_fingerprint: str, params: dict[str, Any]) -> str:
     ).encode()).hexdigest()[:20]
 
 
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _scratch_dir(location: str) -> str:
     """Build beside a local target (so the final rename is atomic); under GANPIPE_HOME for S3
     (the system temp dir may be a small tmpfs)."""
@@ -140,61 +133,6 @@ def _result(meta: dict[str, Any], location: str, cached: bool) -> IngestResult:
     return IngestResult(fingerprint=meta["fingerprint"], num_records=meta["num_records"],
                         num_skipped=meta["num_skipped"], classes=meta.get("classes"), location=location,
                         cached=cached, report=storage.join(location, "report.json"))
-
-
-class Labels:
-    """Validates labels and maps them to contiguous ids, keeping class names.
-
-    ClassLabel columns keep their names and order; declared `data.classes` win over both; strings and
-    integers otherwise get ids in sorted order once every label has been seen (the label shards are
-    written with provisional ids and remapped at the end)."""
-
-    def __init__(self, feature: Any, declared: list[str] | None):
-        import datasets
-
-        self.names: list[str] | None = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-        self.declared = declared
-        self.seen: dict[str, int] = {}  # provisional ids, in order of first appearance
-        self.numeric = True
-
-    def provisional_id(self, value: Any) -> tuple[int | None, str | None]:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return None, "missing label"
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if self.names is not None:
-            if value == -1:  # datasets' ClassLabel marks a missing label with -1
-                return None, "missing label (-1)"
-            if not isinstance(value, int) or not 0 <= value < len(self.names):
-                return None, f"label {value!r} outside the ClassLabel's {len(self.names)} classes"
-            name = self.names[value]
-        elif self.declared is not None and isinstance(value, int) and not isinstance(value, bool):
-            if not 0 <= value < len(self.declared):
-                return None, f"label {value} outside data.classes (ids 0..{len(self.declared) - 1})"
-            name = self.declared[value]
-        elif isinstance(value, (int, str)) and not isinstance(value, bool):
-            self.numeric &= isinstance(value, int)
-            name = str(value)
-        else:
-            return None, f"label {value!r} is not an integer or a string"
-        if self.declared is not None and name not in self.declared:
-            return None, f"label {name!r} not in data.classes"
-        return self.seen.setdefault(name, len(self.seen)), None
-
-    def final_names(self) -> list[str]:
-        if self.declared is not None:
-            return list(self.declared)
-        if self.names is not None:
-            return list(self.names)
-        return sorted(self.seen, key=int) if self.numeric else sorted(self.seen)
-
-    def remap(self) -> np.ndarray:
-        """provisional id -> final id."""
-        final = {name: i for i, name in enumerate(self.final_names())}
-        remap = np.zeros(max(len(self.seen), 1), dtype=np.int64)
-        for name, provisional in self.seen.items():
-            remap[provisional] = final[name]
-        return remap
 
 
 class Preparer:
@@ -318,7 +256,7 @@ class Preparer:
             meta.update({"class_counts": dict(zip(classes, counts, strict=True)), "label_column": label_column})
         meta.update({"num_records": self.rows_in_shards, "num_skipped": len(self.skipped),
                      "classes": classes, "shards": self.shards, "source": self.cfg.source,
-                     "content_sha256": _combined_hash(self.shards)})
+                     "content_sha256": combined_hash(self.shards)})
         report = {"source": self.cfg.source, "policy": self.cfg.on_bad_record,
                   "num_records": self.rows_in_shards, "num_skipped": len(self.skipped),
                   "skipped": self.skipped}
@@ -374,10 +312,10 @@ class Preparer:
             label_ids = self._label_ids(labels, table, label_column, first_row, keep)
             records = self._fetch_remote([self._record(value) for value in table.column(image_column).to_pylist()])
             if spec is None:
-                spec = ImageSpec(self.cfg.resolution, self.cfg.channels or _detect_channels(records),
+                spec = ImageSpec(self.cfg.resolution, self.cfg.channels or detect_channels(records),
                                  self.cfg.resize)
             kept = np.flatnonzero(keep)
-            for part in _decode_tasks(kept, records, spec):
+            for part in decode_tasks(kept, records, spec):
                 in_flight.append((self.pool.submit([records[i] for i in part], spec),
                                   (first_row + part).tolist(), label_ids[part]))
                 while len(in_flight) > 2 * max(self.pool.workers, 1):
@@ -435,7 +373,7 @@ class Preparer:
             label_ids = self._label_ids(labels, table, label_column, first_row, keep)
             matrix = np.empty((table.num_rows, len(wanted_columns)), dtype=np.float64)
             for j, column in enumerate(wanted_columns):
-                matrix[:, j], problems = _numeric(table.column(column))
+                matrix[:, j], problems = numeric(table.column(column))
                 for i in np.flatnonzero(problems & keep):
                     value = table.column(column)[int(i)].as_py()
                     what = "missing value" if value is None else f"non-numeric value {value!r}"
@@ -461,151 +399,3 @@ class Preparer:
                 shard["sha256"] = storage.sha256_file(path)
                 counts += np.bincount(final, minlength=num_classes)
         return counts.tolist()
-
-
-def _detect_channels(records: list[Record]) -> int:
-    """1 when the first decodable records are all greyscale, else 3."""
-    for record in records[:CHANNEL_SAMPLE]:
-        try:
-            if not is_grayscale(open_image(*record)):
-                return 3
-        except Exception:  # noqa: BLE001 - bad records are reported by the main pass
-            continue
-    return 1
-
-
-def _decode_tasks(indices: np.ndarray, records: list[Record], spec: ImageSpec) -> list[np.ndarray]:
-    """Split a batch's record indices into decode tasks of about CHUNK_BYTES at most, counting each
-    record's encoded bytes and its decoded image."""
-    decoded = spec.resolution * spec.resolution * spec.channels
-    sizes = np.array([len(records[i][0] or b"") + decoded for i in indices], dtype=np.int64)
-    task = np.cumsum(sizes) // CHUNK_BYTES
-    return [indices] if not len(task) or task[-1] == 0 else [indices[task == t] for t in np.unique(task)]
-
-
-def _numeric(column: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(values as float64, mask of the non-numeric ones) of an Arrow column. Numbers stored as text
-    (CSV) count as numbers; booleans, empty cells, NaN and infinities do not."""
-    import pyarrow as pa
-
-    kind = column.type
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
-        values = column.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64, copy=True)
-    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        values = np.array([_parse_float(v) for v in column.to_pylist()], dtype=np.float64)
-    else:
-        values = np.full(len(column), np.nan)
-    problems = ~np.isfinite(values)
-    values[problems] = 0.0
-    return values, problems
-
-
-def _parse_float(text: str | None) -> float:
-    try:
-        return float(text) if text is not None else math.nan
-    except ValueError:
-        return math.nan
-
-
-class RunningStats:
-    """Per-column mean and standard deviation over batches (Chan et al.'s parallel update), so a
-    large offset does not cancel catastrophically as in E[x^2] - E[x]^2."""
-
-    def __init__(self, width: int):
-        self.count = 0
-        self.mean = np.zeros(width)
-        self.m2 = np.zeros(width)
-
-    def add(self, batch: np.ndarray) -> None:
-        if not len(batch):
-            return
-        n, batch_mean = len(batch), batch.mean(axis=0)
-        delta = batch_mean - self.mean
-        total = self.count + n
-        self.m2 += ((batch - batch_mean) ** 2).sum(axis=0) + delta**2 * self.count * n / total
-        self.mean += delta * n / total
-        self.count = total
-
-    def std(self) -> np.ndarray:
-        std = np.sqrt(self.m2 / max(self.count, 1))
-        return np.where(std > 1e-8, std, 1.0)  # constant columns: leave them unscaled
-
-
-class ShardWriter:
-    """Fills one shard-sized buffer and writes it as a `.npy` file: memory bounded by the shard size."""
-
-    def __init__(self, out: Path, prefix: str, shard_size: int):
-        self.out, self.prefix, self.shard_size = out, prefix, shard_size
-        self.buffer: np.ndarray | None = None  # allocated on the first rows (shape and dtype from them)
-        self.buffered = 0
-        self.rows = 0
-        self.written: list[dict[str, Any]] = []
-
-    def add(self, rows: np.ndarray) -> None:
-        if self.buffer is None:
-            # np.empty only reserves: pages are touched as rows arrive, so a tiny dataset stays tiny.
-            self.buffer = np.empty((self.shard_size, *rows.shape[1:]), dtype=rows.dtype)
-        while len(rows):
-            take = min(len(rows), self.shard_size - self.buffered)
-            self.buffer[self.buffered:self.buffered + take] = rows[:take]
-            self.buffered += take
-            rows = rows[take:]
-            if self.buffered == self.shard_size:
-                self._flush()
-
-    def _flush(self) -> None:
-        if not self.buffered:
-            return
-        path = self.out / f"{self.prefix}-{len(self.written):05d}.npy"
-        np.save(path, self.buffer[:self.buffered])
-        self.written.append({"file": path.name, "rows": self.buffered, "sha256": storage.sha256_file(path)})
-        self.rows += self.buffered
-        self.buffered = 0
-
-    def close(self) -> list[dict[str, Any]]:
-        self._flush()
-        self.buffer = None
-        return self.written
-
-
-class DecodePool:
-    """Runs `decode_chunk` in worker processes, or inline while a source is too small to pay for them.
-
-    Workers start on `start()`, or once PARALLEL_MIN_RECORDS rows have gone through inline (for
-    streams of unknown length): a tiny dataset never pays for process start-up."""
-
-    def __init__(self, workers: int, start: bool = False):
-        self.workers = workers
-        self.seen = 0
-        self.executor: ProcessPoolExecutor | None = None
-        if start:
-            self.start()
-
-    def start(self) -> None:
-        if self.executor is not None or self.workers <= 1:
-            return
-        # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
-        self.executor = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
-        for _ in range(self.workers):  # start every worker now (each submit starts at most one)
-            self.executor.submit(warm_up)
-
-    def submit(self, records: list[Record], spec: ImageSpec) -> Future:
-        self.seen += len(records)
-        if self.seen > PARALLEL_MIN_RECORDS:
-            self.start()
-        if self.executor is not None:
-            return self.executor.submit(decode_chunk, records, spec)
-        done: Future = Future()
-        done.set_result(decode_chunk(records, spec))
-        return done
-
-    def __enter__(self) -> DecodePool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _combined_hash(shards: list[dict[str, Any]]) -> str:
-    return hashlib.sha256("".join(s["file"] + s["sha256"] for s in shards).encode()).hexdigest()

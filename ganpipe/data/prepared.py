@@ -1,8 +1,11 @@
-"""Read prepared data: memory-mapped shards, gathered by index (in data units: ganpipe.networks.space
-maps them to network space)."""
+"""The prepared-data format, written and read in one place: ingest writes shards (`PREFIX-NNNNN.npy`,
+each listed in meta.json with its rows and sha256) through ShardWriter, with RunningStats for a
+vector dataset's mean and std; training reads them back as memory-mapped shards, gathered by index
+(in data units: ganpipe.networks.space maps them to network space)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
@@ -113,3 +116,69 @@ def open_prepared(location: str, endpoint_url: str | None = None) -> PreparedDat
                 raise UserError(f"{location}/{shard['file']}: checksum mismatch (corrupt prepared data)")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return PreparedData(local)
+
+
+class ShardWriter:
+    """Fills one shard-sized buffer and writes it as a `.npy` file: memory bounded by the shard size."""
+
+    def __init__(self, out: Path, prefix: str, shard_size: int):
+        self.out, self.prefix, self.shard_size = out, prefix, shard_size
+        self.buffer: np.ndarray | None = None  # allocated on the first rows (shape and dtype from them)
+        self.buffered = 0
+        self.rows = 0
+        self.written: list[dict[str, Any]] = []
+
+    def add(self, rows: np.ndarray) -> None:
+        if self.buffer is None:
+            # np.empty only reserves: pages are touched as rows arrive, so a tiny dataset stays tiny.
+            self.buffer = np.empty((self.shard_size, *rows.shape[1:]), dtype=rows.dtype)
+        while len(rows):
+            take = min(len(rows), self.shard_size - self.buffered)
+            self.buffer[self.buffered:self.buffered + take] = rows[:take]
+            self.buffered += take
+            rows = rows[take:]
+            if self.buffered == self.shard_size:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffered:
+            return
+        path = self.out / f"{self.prefix}-{len(self.written):05d}.npy"
+        np.save(path, self.buffer[:self.buffered])
+        self.written.append({"file": path.name, "rows": self.buffered, "sha256": storage.sha256_file(path)})
+        self.rows += self.buffered
+        self.buffered = 0
+
+    def close(self) -> list[dict[str, Any]]:
+        self._flush()
+        self.buffer = None
+        return self.written
+
+
+class RunningStats:
+    """Per-column mean and standard deviation over batches (Chan et al.'s parallel update), so a
+    large offset does not cancel catastrophically as in E[x^2] - E[x]^2."""
+
+    def __init__(self, width: int):
+        self.count = 0
+        self.mean = np.zeros(width)
+        self.m2 = np.zeros(width)
+
+    def add(self, batch: np.ndarray) -> None:
+        if not len(batch):
+            return
+        n, batch_mean = len(batch), batch.mean(axis=0)
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.m2 += ((batch - batch_mean) ** 2).sum(axis=0) + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def std(self) -> np.ndarray:
+        std = np.sqrt(self.m2 / max(self.count, 1))
+        return np.where(std > 1e-8, std, 1.0)  # constant columns: leave them unscaled
+
+
+def combined_hash(shards: list[dict[str, Any]]) -> str:
+    """meta.json's `content_sha256`: one checksum of the whole prepared content, from the shards' own."""
+    return hashlib.sha256("".join(s["file"] + s["sha256"] for s in shards).encode()).hexdigest()
