@@ -76,11 +76,17 @@ def _class_counts(text: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError("expected a JSON object like '{\"0\": 100, \"1\": 50}'") from None
 
 
-def _add_command_config(parser: argparse.ArgumentParser, section: str, used: str) -> None:
-    parser.add_argument("config", nargs="?", help=f"optional YAML config file (a pipeline config serves): {used} "
+def _command_parser(sub: Any, name: str, summary: str, section: str, sections: str) -> argparse.ArgumentParser:
+    """A command whose settings are config keys: `evaluate` and `export` read `section` of an
+    optional config file, then --set, then their flags (shorthands for keys)."""
+    parser = sub.add_parser(name, help=summary, description=(
+        f"{summary[0].upper()}{summary[1:]}. Settings come from {sections} of an optional config file, then "
+        f"--set {section}.KEY=VALUE, then the flags, each a shorthand for a key (defaults: those of the keys)."))
+    parser.add_argument("config", nargs="?", help=f"optional YAML config file (a pipeline config serves): {sections} "
                         "used, other sections ignored")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config key, e.g. --set {section}.KEY=VALUE (repeatable)")
+    return parser
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -264,11 +270,8 @@ def build_parser() -> Parser:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="quality metrics of generated against real data",
-                       description="Quality metrics of generated against real data. Settings come from the "
-                       "`eval` section and `seed` of an optional config file, then --set eval.KEY=VALUE, then "
-                       "the flags, each a shorthand for a key (defaults: those of the keys).")
-    _add_command_config(p, "eval", "its `eval` section, `seed` and `storage` are")
+    p = _command_parser(sub, "evaluate", "quality metrics of generated against real data", "eval",
+                        "the `eval` and `storage` sections and `seed`")
     p.add_argument("--real", required=True, help="dataset: anything data.source accepts, or an image folder")
     p.add_argument("--fake", required=True, help="MODEL (models:/NAME@ALIAS, models:/NAME/VERSION, run dir) or dataset")
     p.add_argument("--metrics", type=_comma_list, help="eval.metrics, comma-separated: fid,kid,pr,cas,fd_domain "
@@ -304,11 +307,8 @@ def build_parser() -> Parser:
     _add_json(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="bulk synthetic dataset (parquet shards or image folder)",
-                       description="Bulk synthetic dataset. Settings come from the `export` section of an optional "
-                       "config file (and its storage.endpoint_url), then --set export.KEY=VALUE, then the flags, "
-                       "each a shorthand for an export key (defaults: those of the keys).")
-    _add_command_config(p, "export", "its `export` and `storage` sections are")
+    p = _command_parser(sub, "export", "bulk synthetic dataset (parquet shards or image folder)", "export",
+                        "the `export` and `storage` sections")
     p.add_argument("--model", required=True, help="MODEL: models:/NAME@ALIAS, models:/NAME/VERSION or a run dir")
     p.add_argument("--num-images", type=int, help="export.num_images: rows to write (required, here or in the config)")
     p.add_argument("--out", help="export.out: local path or s3:// URI (required, here or in the config)")
