@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ganpipe.config import CommandConfig, load_command_config, load_config
-from ganpipe.errors import EvaluationFailed, Failure, StageError, UserError
+from ganpipe.errors import LINE_CHARS, EvaluationFailed, Failure, StageError, UserError, shorten
 
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports bad usage as one `error:` line and exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        print_error(f"{self.prog}: {message}")
         sys.exit(2)
 
 
@@ -354,6 +354,13 @@ def build_parser() -> Parser:
     return parser
 
 
+def print_error(message: object) -> None:
+    """The one `error:` line. Messages are bounded where they are made (errors.show); this is the
+    safety net for any that are not: one line, at most LINE_CHARS characters."""
+    text = " | ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"error: {shorten(text, LINE_CHARS)}", file=sys.stderr)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
@@ -363,26 +370,26 @@ def run(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print_error("interrupted")
         return 130
     except StageError as exc:
         if debug:
             traceback.print_exc()
         cause = exc.cause
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2 if isinstance(cause, UserError) else 1
     except Failure as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, exit 1
         if debug:
             traceback.print_exc()
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print_error(f"{type(exc).__name__}: {exc}")
         return 1
     return 0
 

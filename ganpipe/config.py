@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -22,11 +22,15 @@ from pydantic import (
     model_validator,
 )
 
-from ganpipe.errors import UserError
+from ganpipe import strict_yaml
+from ganpipe.errors import UserError, shorten, show
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a bigger file is not one (and YAML parsing is slow)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # No inf or nan: every float key is a rate, weight, fraction or threshold.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 def _seed_range(value: int) -> int:
@@ -36,6 +40,34 @@ def _seed_range(value: int) -> int:
 
 
 Seed = Annotated[int, AfterValidator(_seed_range)]
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+NAME_RULE = ("use letters, digits, '_', '.' and '-', starting with a letter or digit, without '..', "
+             "at most 128 characters")
+
+
+def check_name(value: str) -> str:
+    """Names become folder names (runs/<train.run_name>, exports/<register.name>/) and registry
+    names: one plain path component, never a path (no separator, no '..', no leading dot or '-',
+    no control character), short enough for any filesystem."""
+    if not NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"not a name: {NAME_RULE}")
+    return value
+
+
+Name = Annotated[str, AfterValidator(check_name)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+def batch_split_problem(batch_size: int, processes: int, grad_accum: int, pack: int) -> str | None:
+    """Why train.batch_size cannot be split evenly into processes x accumulation steps x packs
+    (None when it can). Checked when the config loads, and again by each rank against the
+    process count accelerate actually started."""
+    per_process = batch_size // processes
+    if batch_size % processes or per_process % grad_accum or (per_process // grad_accum) % pack:
+        return (f"train.batch_size {batch_size} must divide into {processes} processes x {grad_accum} "
+                f"accumulation steps x model.pack {pack}")
+    return None
 
 
 class DataConfig(_Section):
@@ -88,7 +120,7 @@ class TrainConfig(_Section):
     loss: LossName = "non_saturating"
     g_lr: float = Field(2e-4, gt=0)
     d_lr: float = Field(2e-4, gt=0)
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[Beta, Beta] = Field((0.5, 0.999), description="Adam's two betas, each in [0, 1)")
     lr_decay: Literal["none", "linear"] = Field("none", description="linear: decay both rates to 0 by the last step")
     lr_decay_start: float = Field(0.5, ge=0, lt=1, description="fraction of train.steps where the decay starts")
     d_steps: int = Field(1, ge=1, description="k: discriminator updates per generator update")
@@ -116,7 +148,8 @@ class TrainConfig(_Section):
     sample_every: int = Field(500, ge=1)
     compile: bool = False
     channels_last: bool = False
-    run_name: str | None = None
+    run_name: Name | None = Field(None, description="the run folder's name under $GANPIPE_HOME/runs (a name, "
+                                  "not a path); default: register.name and the run's identity")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -143,7 +176,7 @@ class EvalConfig(_Section):
 
 
 class RegisterConfig(_Section):
-    name: str = "ganpipe-generator"
+    name: Name = "ganpipe-generator"
     primary_metric: str = "fd_domain"
     margin: float = Field(0.0, ge=0, description="also required improvement, beyond the uncertainty")
 
@@ -157,7 +190,7 @@ class ExportConfig(_Section):
     class_balance: bool = Field(False, description="equal rows per class (conditional models)")
     class_counts: dict[str, int] | None = Field(
         None, description="explicit rows per class (class name -> rows), adding up to num_images")
-    seed: int = 0
+    seed: Seed = 0
     num_processes: int = Field(1, ge=1, description="generating processes, started with accelerate launch")
     drop_lowest_d: float = Field(0.0, ge=0, lt=1, description="quality gate: drop about this fraction of rows, "
                                  "those the run's discriminator scores lowest (0: off)")
@@ -196,6 +229,14 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
+    @model_validator(mode="after")
+    def _batch_splits(self) -> Config:
+        problem = batch_split_problem(self.train.batch_size, self.train.num_processes, self.train.grad_accum,
+                                      self.model.pack)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def hash(self) -> str:
         """Stable content hash of the effective config (key order and formatting do not matter)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -205,7 +246,7 @@ class Config(_Section):
         return self.model_dump(mode="json", by_alias=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return strict_yaml.dump(self.to_dict())
 
 
 class CommandConfig(_Section):
@@ -222,11 +263,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a','b','c'], value parsed as a YAML scalar or flow list)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--set {item!r}: expected dotted.key=value")
+        raise UserError(f"--set {show(item)}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise UserError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        value = strict_yaml.load(raw) if raw.strip() else None
+    except strict_yaml.YAMLProblem as exc:
+        where = f" (column {exc.column})" if exc.column else ""
+        raise UserError(f"--set {shorten(key.strip())}: cannot parse value {show(raw)}{where}: "
+                        f"{shorten(exc.problem)}") from None
     return key.strip().split("."), value
 
 
@@ -244,21 +287,30 @@ def _set_key(raw: dict[str, Any], path: list[str], value: Any, origin: str) -> N
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise UserError(f"{origin}: {'.'.join(path[: i + 1])} is not a section")
+            raise UserError(f"{origin}: {shorten('.'.join(path[: i + 1]))} is not a section")
         node = child
     node[path[-1]] = value
 
 
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """('train', 'betas', 0) -> 'train.betas[0]'."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
 def _format_validation_error(origin: str, exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    """One line naming the origin and the key; the offending value is shown bounded (errors.show):
+    pydantic's own text would print it whole, however large."""
+    first = exc.errors(include_input=True, include_url=False, include_context=False)[0]
+    key = shorten(_dotted(first["loc"]))
     if first["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{key}'"
     if first["type"] == "missing":
         return f"{origin}: missing required key '{key}'"
+    message = shorten(first["msg"].removeprefix("Value error, "))  # pydantic's prefix for our own validators
+    if not first["loc"]:  # a check across sections: its message names the keys
+        return f"{origin}: {message}"
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators
+    shown = "" if isinstance(value, dict) else f" (got {show(value)})"
     return f"{origin}: key '{key}': {message}{shown}"
 
 
@@ -270,21 +322,36 @@ def validate_config(raw: dict[str, Any], origin: str) -> Config:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML config file's sections, unvalidated. A missing file or bad YAML raises UserError."""
+    """A YAML config file's sections, unvalidated. Anything but a readable UTF-8 YAML file of
+    sections (missing, a folder, too big, not text, bad or ambiguous YAML: see ganpipe.strict_yaml)
+    raises UserError naming the file, and the line when there is one."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path}: is a folder, not a YAML file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path}: {size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes")
+    return _sections(path.read_bytes(), str(path))
+
+
+def _sections(data: bytes, origin: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}{where}: YAML syntax error: {problem}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{origin}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}, at offset "
+                        f"{exc.start})") from None
+    try:
+        raw = strict_yaml.load(text)
+    except strict_yaml.YAMLProblem as exc:
+        where = f":{exc.line}:{exc.column}" if exc.line else ""
+        raise UserError(f"{origin}{where}: {shorten(exc.problem)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of config sections at the top level")
+        raise UserError(f"{origin}: expected a mapping of config sections at the top level")
     return raw
 
 
@@ -308,7 +375,7 @@ def load_command_config(path: str | Path | None, overrides: list[str],
     origin = str(path) if path is not None else "--set"
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise UserError(f"{origin}: unknown key '{unknown[0]}'")
+        raise UserError(f"{origin}: unknown key '{shorten(unknown[0])}'")
     try:
         return CommandConfig.model_validate({k: v for k, v in raw.items() if k in CommandConfig.model_fields})
     except ValidationError as exc:
@@ -319,4 +386,4 @@ def load_command_config(path: str | Path | None, overrides: list[str],
 
 def config_from_yaml_text(text: str, origin: str) -> Config:
     """Re-read a config saved with a run (already validated once; still strict)."""
-    return validate_config(yaml.safe_load(text) or {}, origin)
+    return validate_config(_sections(text.encode(), origin), origin)

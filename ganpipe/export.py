@@ -224,6 +224,7 @@ def export(model: str, settings: ExportConfig, endpoint_url: str | None = None, 
         raise UserError("--num-images (export.num_images) must be at least 1")
     if not settings.out:
         raise UserError("--out (export.out): say where to write the dataset")
+    storage.require_folder(settings.out, "--out (export.out)")
     gates = GateSettings.from_config(settings)
     loaded = load_generator(model)
     spec = loaded.spec

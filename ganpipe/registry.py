@@ -16,7 +16,6 @@ checks.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from ganpipe import networks, runs, tracking
-from ganpipe.errors import UserError
+from ganpipe.config import check_name
+from ganpipe.errors import UserError, show
 from ganpipe.generators import SHA_TAG, read_generator
 from ganpipe.metrics import METRICS
 from ganpipe.networks import NetworkSpec, generate
@@ -43,8 +43,6 @@ from ganpipe.previews import save_grid
 MODEL_ARTIFACT = "generator"
 CHAMPION, CHALLENGER = "champion", "challenger"
 REFERENCE_TAG = "ganpipe.eval_reference_fingerprint"  # the real data the metrics were measured against
-# MLflow allows more, but a name must survive models:/NAME@ALIAS parsing and search filters.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 # --- promotion ----------------------------------------------------------------------------------
@@ -190,16 +188,23 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
                  ) -> dict[str, Any]:
     """Log and register the run's EMA generator, tag its lineage, apply the alias rule.
     `higher_is_better` overrides the metric directions of ganpipe.metrics.METRICS."""
+    if name is not None:
+        try:
+            # MLflow allows more, but a name must survive models:/NAME@ALIAS parsing and search
+            # filters, and it names a folder (exports/<name>/): the config's rule for names.
+            check_name(name)
+        except ValueError as exc:
+            raise UserError(f"--name {show(name)}: {exc}") from None
     run_dir = run_dir.resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: is a file, not a run directory")
     if not runs.is_run_dir(run_dir):
         raise UserError(f"--run {run_dir}: not a ganpipe run directory")
     generator_dir = runs.generator_dir(run_dir)
     if not (generator_dir / "generator.safetensors").exists():
         raise UserError(f"--run {run_dir}: training has not finished (no generator/)")
     cfg = runs.load_run_config(run_dir)
-    name = name or cfg.registry.name
-    if not MODEL_NAME.match(name):
-        raise UserError(f"--name {name!r}: use letters, digits, '_', '.' and '-' (at most 128)")
+    name = name or cfg.registry.name  # register.name: checked as a name when the config loaded
     primary = cfg.registry.primary_metric
     directions = {k: m.higher_is_better for k, m in METRICS.items()} | (higher_is_better or {})
     if primary not in directions:

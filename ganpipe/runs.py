@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from ganpipe import storage
 from ganpipe.config import Config, config_from_yaml_text
+from ganpipe.errors import UserError, shorten
 
 # `final_generator` only picks which saved EMA becomes the run's generator.
 BOOKKEEPING = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "run_name",
@@ -55,6 +57,16 @@ def run_dir_for(cfg: Config, resume: str) -> Path:
         while path.exists():
             n += 1
             path = runs_root() / f"{base}-{n}"
+    return inside_runs_root(path)
+
+
+def inside_runs_root(path: Path) -> Path:
+    """`path`, when it is one folder directly under runs_root(). train.run_name is validated as a
+    name when the config loads; this is the second line of defence, where the path is made, so
+    that no run folder is ever created or overwritten outside GANPIPE_HOME/runs."""
+    root = runs_root()
+    if Path(os.path.normpath(path)).parent != root or path.name in ("", ".", ".."):
+        raise UserError(f"train.run_name: the run folder {shorten(str(path))} would be outside {root}")
     return path
 
 

@@ -18,11 +18,33 @@ from typing import Any
 
 import fsspec
 
+from ganpipe.errors import UserError, shorten
+
 
 def ganpipe_home() -> Path:
+    """GANPIPE_HOME (default ./.ganpipe) as an absolute folder, created when missing. A setting
+    that names a file, or a folder that cannot be made, is the user's to fix: UserError naming
+    the variable."""
     home = Path(os.environ.get("GANPIPE_HOME", ".ganpipe")).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    require_folder(str(home), "GANPIPE_HOME")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"GANPIPE_HOME: cannot create the folder {shorten(str(home))} ({exc.strerror})") from None
     return home
+
+
+def require_folder(uri: str, what: str) -> None:
+    """UserError naming `what` (the setting) when a local `uri` that should be a folder, existing
+    or to be made, is a file or lies below one. Remote URIs have no such thing as a file in the way."""
+    if is_remote(uri):
+        return
+    path = local_path(uri).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise UserError(f"{what}: {shorten(str(candidate))} is a file, not a folder")
+            return
 
 
 def is_remote(uri: str) -> bool:

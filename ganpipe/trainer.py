@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ganpipe import checkpoint, runs
-from ganpipe.config import Config
+from ganpipe.config import Config, batch_split_problem
 from ganpipe.data import open_prepared
 from ganpipe.errors import Diverged, UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
@@ -50,11 +50,9 @@ class Trainer:
         info = runs.read_info(run_dir)
         self.data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
         self.spec = network_spec(cfg, self.data)
-        per_process = t.batch_size // acc.num_processes
-        if t.batch_size % acc.num_processes or per_process % t.grad_accum or \
-                (per_process // t.grad_accum) % cfg.model.pack:
-            raise UserError(f"train.batch_size {t.batch_size} must divide into {acc.num_processes} processes "
-                            f"x {t.grad_accum} accumulation steps x model.pack {cfg.model.pack}")
+        problem = batch_split_problem(t.batch_size, acc.num_processes, t.grad_accum, cfg.model.pack)
+        if problem:  # the config was checked against train.num_processes; this is what accelerate started
+            raise UserError(problem)
         self.d_loss_fn, self.g_loss_fn = LOSSES[t.loss]
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank

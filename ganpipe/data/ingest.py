@@ -70,6 +70,7 @@ def ingest(cfg: DataConfig, endpoint_url: str | None = None, workers: int | None
     params = preprocessing_params(cfg)
     fingerprint = prepared_fingerprint(source.fingerprint, params)
     cache_root = cfg.cache or str(storage.ganpipe_home() / "prepared")
+    storage.require_folder(cache_root, "data.cache")
     location = storage.join(cache_root, fingerprint)
     meta_uri = storage.join(location, "meta.json")
     if storage.exists(meta_uri, endpoint_url):
