@@ -120,7 +120,8 @@ def flow_run_id() -> str | None:
 
 
 class MlflowLogger:
-    """Main-process MLflow logging into the run recorded in run.json (created on first use)."""
+    """Main-process MLflow logging into the run recorded in run.json (created on first use, and when
+    this store does not have the recorded one)."""
 
     def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -132,10 +133,16 @@ class MlflowLogger:
         self.mlflow = mlflow
         info = runs.read_info(run_dir)
         experiment = experiment_id(cfg.registry.name)
-        run = mlflow.start_run(run_id=info.get("mlflow_run_id"), experiment_id=experiment,
-                               run_name=run_dir.name)
+        # A run directory can name a run this store does not have: one copied from another machine,
+        # kept across an upgrade without its store, or trained before the store was reset. Resuming
+        # it continues the training and logs into a new MLflow run, rather than failing at the start.
+        recorded = known_run(info.get("mlflow_run_id"))
+        run = mlflow.start_run(run_id=recorded, experiment_id=experiment, run_name=run_dir.name)
         self.run_id = run.info.run_id
-        if not info.get("mlflow_run_id"):
+        if info.get("mlflow_run_id") and recorded is None:
+            print(f"note: MLflow run {info['mlflow_run_id']} is not in {tracking_uri()}; "
+                  f"logging to a new run {self.run_id}", file=sys.stderr, flush=True)
+        if recorded is None:
             runs.update_info(run_dir, mlflow_run_id=self.run_id)
             flat = _flatten(cfg.to_dict())
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})

@@ -116,7 +116,10 @@ class Trainer:
         x = to_network_space(torch.from_numpy(raw), self.spec)
         x = x.to(self.device, non_blocking=True)
         if self.spec.is_image:
-            x = x.contiguous(memory_format=self.memory_format)
+            # A copy in the training memory format, not `.contiguous()`: with C = 1, NHWC strides also
+            # count as contiguous and torch picks conv kernels by strides (runs from before
+            # networks.space had NCHW batches and must resume bit for bit: tests/test_compat.py).
+            x = x.clone(memory_format=self.memory_format)
         y = torch.from_numpy(labels).to(self.device) if self.spec.conditional else None
         return x, y
 

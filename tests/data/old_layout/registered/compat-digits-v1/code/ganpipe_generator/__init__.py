@@ -1,0 +1,1 @@
+"""ganpipe's networks, shipped with a registered generator."""

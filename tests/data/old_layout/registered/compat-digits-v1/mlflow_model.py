@@ -1,0 +1,61 @@
+"""The registered generator, as MLflow "models from code".
+
+MLflow stores this file as the model's code and `ganpipe/models.py` beside it as the package
+`ganpipe_generator`; the weights travel as safetensors. Loading therefore needs `mlflow`, `torch`
+and `safetensors`, never ganpipe, and unpickles nothing.
+
+Input: a DataFrame with one row per sample: `seed` (int) and, for conditional models, `label`
+(int). Optional params: `truncation` (float > 0: latent values beyond it are redrawn from the
+same seed). Output: uint8 N x H x W x C images, or float N x D vectors in data units.
+Same rows, same output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+from safetensors.torch import load_file
+
+
+class GeneratorModel(PythonModel):
+    def load_context(self, context) -> None:
+        from ganpipe_generator.networks import NetworkSpec, build_generator
+
+        with open(context.artifacts["spec"]) as f:
+            self.spec = NetworkSpec.from_json(json.load(f))
+        self.generator = build_generator(self.spec)
+        self.generator.load_state_dict(load_file(context.artifacts["weights"]))
+        self.generator.eval()
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        from ganpipe_generator.networks import generate
+
+        if "seed" not in model_input.columns:
+            raise ValueError("input needs a 'seed' column (one row per sample)")
+        seeds = [int(s) for s in model_input["seed"]]
+        labels = None
+        if self.spec.conditional:
+            if "label" not in model_input.columns:
+                raise ValueError(f"conditional model: input needs a 'label' column (0..{self.spec.num_classes - 1})")
+            labels = [int(v) for v in model_input["label"]]
+            bad = [v for v in labels if not 0 <= v < self.spec.num_classes]
+            if bad:
+                raise ValueError(f"labels {bad[:5]} outside 0..{self.spec.num_classes - 1}")
+        truncation = float((params or {}).get("truncation") or 0.0)
+        if truncation < 0 or not np.isfinite(truncation):
+            raise ValueError(f"params.truncation must be a positive number (or 0: off), got {truncation}")
+        if not seeds:  # keep the output's shape and dtype for an empty request
+            shape = (0, *self.spec.sample_shape[1:], self.spec.sample_shape[0]) if self.spec.is_image \
+                else (0, *self.spec.sample_shape)
+            return np.zeros(shape, np.uint8 if self.spec.is_image else np.float32)
+        with torch.inference_mode():
+            out = generate(self.generator, self.spec, seeds, labels, truncation=truncation or None)
+        return out.numpy()
+
+
+mlflow.models.set_model(GeneratorModel())
