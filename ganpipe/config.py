@@ -129,6 +129,15 @@ class TrainConfig(_Section):
     adaptive_g_threshold: float = Field(1.0, description="adaptive: then G until its loss is below this")
     gp_weight: float = Field(10.0, ge=0)
     r1_gamma: float = Field(0.0, ge=0, description="R1 penalty weight on real data (0: off)")
+    augment: Literal["none", "diffaug", "ada"] = Field(
+        "none", description="differentiable augmentation of every image the discriminator sees (real and generated, "
+                            "both updates; image data only): diffaug = DiffAugment (colour, translation, cutout), "
+                            "ada = adaptive (each transform with probability p, adjusted toward train.ada_target)")
+    ada_target: float = Field(0.6, ge=0, lt=1, description="ada: the target of r_t = E[sign(D(real))]; above it "
+                              "(D overfits) p rises, below it p falls")
+    ada_interval: int = Field(4, ge=1, description="ada: adjust p every this many discriminator updates")
+    ada_kimg: float = Field(100.0, gt=0, description="ada: thousands of real images over which p can move by 1; "
+                            "smaller reacts faster (a few hundred images or short runs: 1-10)")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_accum: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

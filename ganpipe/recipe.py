@@ -21,6 +21,9 @@ def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
         raise UserError("model.conditional: the prepared data has no labels (set data.label_column)")
     if m.family == "dcgan" and data.kind != "image":
         raise UserError("model.family: dcgan needs image data; use mlp for data.kind: vector")
+    if cfg.train.augment != "none" and data.kind != "image":
+        raise UserError(f"train.augment: {cfg.train.augment} augments images; data.kind is {data.kind} "
+                        "(set train.augment: none)")
     if m.pack > 1 and m.conditional:
         raise UserError("model.pack: packing is for unconditional models")
     d_norm = m.d_norm

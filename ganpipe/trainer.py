@@ -20,6 +20,7 @@ from torch import nn
 
 from ganpipe import checkpoint, runs
 from ganpipe.config import Config, batch_split_problem
+from ganpipe.d_augment import DiscriminatorAugment
 from ganpipe.data import open_prepared
 from ganpipe.errors import Diverged, UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
@@ -69,6 +70,8 @@ class Trainer:
         self.sampler = BatchSampler(self.data.num_records, t.batch_size, cfg.seed, acc.process_index,
                                     acc.num_processes)
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + acc.process_index)
+        self.augment = DiscriminatorAugment(t.augment, cfg.seed, acc.process_index, batch_size=t.batch_size,
+                                            interval=t.ada_interval, kimg=t.ada_kimg, device=self.device)
         self.step, self.d_updates, self.g_updates, self.phase, self.phase_updates = 0, 0, 0, "d", 0
         self.resumed_from = self._resume(g_raw, d_raw, ema, opt_g, opt_d)
 
@@ -106,6 +109,9 @@ class Trainer:
             self.noise.set_state(noise_states[self.accelerator.process_index])
         else:  # a different number of processes: continue, with fresh per-rank noise streams
             self.noise.manual_seed(self.cfg.seed * 7919 + 1 + self.accelerator.process_index + self.step)
+        if "augment" in state:
+            self.augment.load_state_dict(state["augment"], self.accelerator.process_index,
+                                         self.accelerator.num_processes, self.step)
         torch.set_rng_state(state["torch_rng"])
         self._resume_state = state
         return self.step
@@ -126,6 +132,12 @@ class Trainer:
     def latents(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.spec.latent_dim, generator=self.noise).to(self.device, non_blocking=True)
 
+    def d_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the discriminator sees: `x` through train.augment (the identity with none)."""
+        if not self.augment.active:
+            return x
+        return self.augment(x).contiguous(memory_format=self.memory_format)
+
     def _micro_batches(self, *tensors: torch.Tensor | None) -> list[tuple]:
         """Split each tensor into train.grad_accum micro-batches (None stays None)."""
         accum = self.cfg.train.grad_accum
@@ -143,16 +155,18 @@ class Trainer:
         micro = self._micro_batches(real_all, labels_all, z_all)
         for i, (real, labels, z) in enumerate(micro):
             with torch.no_grad():
-                fake = nets.G(z, labels)
+                fake = self.d_input(nets.G(z, labels))
             sync = acc.no_sync(nets.D) if i < len(micro) - 1 else nullcontext()
             with sync:
                 if t.r1_gamma:
                     real = real.detach().requires_grad_(True)
-                real_logits = nets.D(real, labels).float()
+                seen = self.d_input(real)  # R1 differentiates through it, w.r.t. `real` (StyleGAN2-ADA)
+                real_logits = nets.D(seen, labels).float()
                 fake_logits = nets.D(fake, labels).float()
+                self.augment.observe(real_logits)
                 loss = self.d_loss_fn(real_logits, fake_logits)
                 if t.loss == "wgan_gp":
-                    gp = gradient_penalty(nets.D, real, fake, labels, self.noise)
+                    gp = gradient_penalty(nets.D, seen, fake, labels, self.noise)
                     loss = loss + t.gp_weight * gp
                     add_stat(stats, "gradient_penalty", gp, len(micro))
                 if t.r1_gamma:
@@ -168,6 +182,8 @@ class Trainer:
         nets.opt_d.zero_grad(set_to_none=True)
         self.average_buffers(nets.d_raw)
         self.d_updates += 1
+        self.augment.after_d_update(self.d_updates, t.ada_target, acc.reduce)
+        stats.update(self.augment.stats(self.device))
         return stats
 
     def generator_update(self) -> dict[str, torch.Tensor]:
@@ -185,7 +201,7 @@ class Trainer:
             sync = acc.no_sync(nets.G) if i < accum - 1 else nullcontext()
             with sync, acc.no_sync(nets.D):
                 fake = nets.G(z, labels)
-                loss = self.g_loss_fn(nets.D(fake, labels).float())
+                loss = self.g_loss_fn(nets.D(self.d_input(fake), labels).float())
                 acc.backward(loss / accum)
             add_stat(stats, "g_loss", loss, accum)
         stats["g_grad_norm"] = grad_norm(nets.g_raw)
@@ -282,13 +298,14 @@ class Trainer:
     def save(self, info: dict[str, Any], score: float | None = None) -> Path | None:
         acc = self.accelerator
         noise_states = acc.gather(self.noise.get_state().to(self.device)[None]).cpu()
+        augment = self.augment.state_dict(acc.gather, acc.reduce)  # collective: before the ranks part
         if not acc.is_main_process:
             return None
         state = {
             "step": self.step, "d_updates": self.d_updates, "g_updates": self.g_updates, "phase": self.phase,
             "phase_updates": self.phase_updates, "sampler": self.sampler.state_dict(),
             "opt_g": self.nets.opt_g.state_dict(), "opt_d": self.nets.opt_d.state_dict(),
-            "noise": noise_states, "torch_rng": torch.get_rng_state(),
+            "noise": noise_states, "torch_rng": torch.get_rng_state(), "augment": augment,
         }
         if acc.scaler is not None:
             state["scaler"] = acc.scaler.state_dict()

@@ -150,7 +150,7 @@ def test_bad_model_data_combinations_are_user_errors(tmp_path: Path) -> None:
 RESUME_CONFIG = TINY_DIGITS.replace("steps: 20", "steps: 60").replace("best_metric: none", "best_metric: fd_domain")
 
 
-def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+def run_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     final = checkpoint.latest_checkpoint(run_dir)
     networks, state = checkpoint.load_checkpoint(final)
     out = {f"{net}.{k}": v for net, weights in networks.items() for k, v in weights.items()}
@@ -193,7 +193,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
     assert result_b["run_dir"] == str(run_dir) and result_b["mlflow_run_id"] == json.loads(
         (run_dir / "run.json").read_text())["mlflow_run_id"]
 
-    a, b = _tensors(Path(result_a["run_dir"])), _tensors(run_dir)
+    a, b = run_tensors(Path(result_a["run_dir"])), run_tensors(run_dir)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"not bitwise identical after resume: {different[:5]}"
@@ -293,7 +293,7 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path: Path)
         out = run_cli("train", str(config), "--set", f"train.compile={str(compiled).lower()}", "--json")
         assert out.returncode == 0, out.stderr[-3000:]
         results[compiled] = Path(last_json(out.stdout)["run_dir"])
-    eager, compiled_run = (_tensors(results[k]) for k in (False, True))
+    eager, compiled_run = (run_tensors(results[k]) for k in (False, True))
     assert eager.keys() == compiled_run.keys() and not any("_orig_mod" in k for k in compiled_run)
     for key in eager:
         if eager[key].is_floating_point():
