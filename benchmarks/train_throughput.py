@@ -21,7 +21,7 @@ import time
 import torch
 
 from ganpipe.config import load_config
-from ganpipe.launch import prepare_run
+from ganpipe.launch import prepared_run
 from ganpipe.losses import d_logistic, g_non_saturating
 from ganpipe.networks import build_discriminator, build_generator, to_network_space
 from ganpipe.trainer import Trainer
@@ -105,8 +105,8 @@ def main() -> None:
             f"model.g_width={args.width}", f"model.d_width={args.width}", "model.latent_dim=100",
             f"train.mixed_precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}",
             f"train.compile={str(args.compile).lower()}"])
-        run_dir = prepare_run(cfg).run_dir
-        trainer = Trainer(cfg, run_dir)
+        with prepared_run(cfg) as prepared:  # a temporary home: no other writer after it
+            trainer = Trainer(cfg, prepared.run_dir)
         # The baseline stays plain fp32 on the GPU (the goal); on CPU it matches ganpipe's precision.
         plain_precision = "no" if trainer.device.type == "cuda" else args.precision
         print(f"device {trainer.device}, threads {torch.get_num_threads()}, DCGAN {args.resolution}x"

@@ -32,14 +32,15 @@ from ganpipe.export import generate_rows, weights_sha256
 from ganpipe.networks import NetworkSpec
 from ganpipe.shards import (
     PNG_LEVEL,
+    SCRATCH_PREFIX,
     ShardLayout,
-    claim_output,
+    check_ownership,
     dataset_card,
     dataset_features,
     encode_pngs,
     finish_dataset,
     image_column,
-    remove_stale_scratch,
+    own_output,
     scratch_dir,
 )
 from ganpipe.synthetic_rows import LabelPlan, class_names, label_plan
@@ -154,8 +155,9 @@ def real_rows_before(position: np.ndarray | int, num_real: int, total: int) -> n
 
 
 def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int = 10_000, seed: int = 0,
-            endpoint_url: str | None = None) -> dict[str, Any]:
-    """`ganpipe augment`: write (or finish writing) the mixed dataset; return the contract's result."""
+            endpoint_url: str | None = None, wait: bool = False) -> dict[str, Any]:
+    """`ganpipe augment`: write (or finish writing) the mixed dataset; return the contract's result.
+    `out` is owned and locked as an export's (ganpipe.shards.own_output; `wait` for its lock)."""
     import pyarrow as pa
 
     from ganpipe.config import DataConfig
@@ -169,6 +171,7 @@ def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int =
     if is_model_ref(real):
         raise UserError("--real: expected a dataset (data.source, image folder), not a model")
     storage.require_folder(out, "--out")
+    check_ownership(out.rstrip("/"), endpoint_url)  # before any data is read: fail in a second
     synth = open_synthetic(synthetic, seed, endpoint_url)
     spec = synth.spec
     if not spec.is_image:
@@ -193,31 +196,30 @@ def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int =
     identity = {"kind": "ganpipe-augment", "format_version": FORMAT_VERSION, "real": real,
                 "real_fingerprint": prepared.fingerprint, "synthetic": synth.identity(), "ratio": ratio,
                 "num_real": num_real, "num_synthetic": num_synthetic, "shard_size": shard_size}
-    claim_output(out, identity, endpoint_url)
-    remove_stale_scratch(out)
-    shard_features = features(classes)
-    schema = shard_features.arrow_schema
-    pending = layout.pending(endpoint_url)
-    for k in pending:
-        start, stop = layout.shard_rows(k)
-        real_lo, real_hi = (int(v) for v in real_rows_before(np.array([start, stop]), num_real, total))
-        is_real = np.diff(real_rows_before(np.arange(start, stop + 1), num_real, total)) > 0
-        real_table = _real_table(data, real_lo, real_hi, real_map, schema)
-        synth_table = _synthetic_table(synth, start - real_lo, stop - real_hi, synth_map, schema)
-        # Interleave: the j-th real (synthetic) row of the shard goes where the j-th True (False) is.
-        order = np.empty(stop - start, dtype=np.int64)
-        order[is_real] = np.arange(real_hi - real_lo)
-        order[~is_real] = np.arange(stop - start - (real_hi - real_lo)) + (real_hi - real_lo)
-        table = pa.concat_tables([real_table, synth_table]).take(pa.array(order))
-        with tempfile.TemporaryDirectory(dir=scratch_dir(out), prefix=".tmp-") as tmp:
-            shard = layout.open_shard(Path(tmp), shard_features)
-            for first in range(0, len(table), 1000):
-                shard.write(table.slice(first, 1000))
-            checksum = shard.commit(storage.join(out, layout.shard_name(k)), endpoint_url)
-        layout.write_record(k, {"file": layout.shard_name(k), "rows": stop - start, "first_index": start,
-                                "sha256": checksum, "real_rows": real_hi - real_lo,
-                                "synthetic_rows": (stop - start) - (real_hi - real_lo)}, endpoint_url)
-    return _finish(layout, identity, classes, data, synth, endpoint_url, len(pending), warnings)
+    with own_output(out, identity, endpoint_url, "ganpipe augment", wait=wait):
+        shard_features = features(classes)
+        schema = shard_features.arrow_schema
+        pending = layout.pending(endpoint_url)
+        for k in pending:
+            start, stop = layout.shard_rows(k)
+            real_lo, real_hi = (int(v) for v in real_rows_before(np.array([start, stop]), num_real, total))
+            is_real = np.diff(real_rows_before(np.arange(start, stop + 1), num_real, total)) > 0
+            real_table = _real_table(data, real_lo, real_hi, real_map, schema)
+            synth_table = _synthetic_table(synth, start - real_lo, stop - real_hi, synth_map, schema)
+            # Interleave: the j-th real (synthetic) row of the shard goes where the j-th True (False) is.
+            order = np.empty(stop - start, dtype=np.int64)
+            order[is_real] = np.arange(real_hi - real_lo)
+            order[~is_real] = np.arange(stop - start - (real_hi - real_lo)) + (real_hi - real_lo)
+            table = pa.concat_tables([real_table, synth_table]).take(pa.array(order))
+            with tempfile.TemporaryDirectory(dir=scratch_dir(out), prefix=SCRATCH_PREFIX) as tmp:
+                shard = layout.open_shard(Path(tmp), shard_features)
+                for first in range(0, len(table), 1000):
+                    shard.write(table.slice(first, 1000))
+                checksum = shard.commit(storage.join(out, layout.shard_name(k)), endpoint_url)
+            layout.write_record(k, {"file": layout.shard_name(k), "rows": stop - start, "first_index": start,
+                                    "sha256": checksum, "real_rows": real_hi - real_lo,
+                                    "synthetic_rows": (stop - start) - (real_hi - real_lo)}, endpoint_url)
+        return _finish(layout, identity, classes, data, synth, endpoint_url, len(pending), warnings)
 
 
 def _label_maps(real_classes: list[str] | None, synth_classes: list[str] | None, real: str, synthetic: str

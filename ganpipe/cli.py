@@ -65,6 +65,12 @@ def _command_config(args: argparse.Namespace, flags: dict[str, str]) -> CommandC
     return load_command_config(args.config, list(args.overrides), given)
 
 
+def _add_wait(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help=f"when another ganpipe process is writing {what}, wait for it to finish "
+                             "instead of exiting with code 2")
+
+
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -114,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.mixed_precision is not None:
         extra.append(f"train.mixed_precision={args.mixed_precision}")
     cfg = _load(args, extra)
-    result = launch_training(cfg, resume=args.resume)
+    result = launch_training(cfg, resume=args.resume, wait=args.wait)
     keys = ("run_dir", "steps", "checkpoint", "mlflow_run_id", "resumed_from_step")
     out = {k: result.get(k) for k in keys} | {k: v for k, v in result.items() if k not in keys}
     resumed = f" (resumed from step {result['resumed_from_step']})" if result.get("resumed_from_step") else ""
@@ -167,7 +173,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from ganpipe.quality_gates import GateSettings
 
     cfg = _command_config(args, EXPORT_FLAGS)
-    result = export(args.model, cfg.export, cfg.storage.endpoint_url)
+    result = export(args.model, cfg.export, cfg.storage.endpoint_url, wait=args.wait)
     summary = [f"exported {result['num_images']} rows in {result['num_shards']} shard(s) to {result['out']} "
                f"({result['shards_written']} shard(s) written now)", f"manifest: {result['manifest']}"]
     if GateSettings.from_config(cfg.export).enabled:
@@ -178,7 +184,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_augment(args: argparse.Namespace) -> None:
     from ganpipe.augment import augment
 
-    result = augment(args.real, args.synthetic, args.ratio, args.out, shard_size=args.shard_size, seed=args.seed)
+    result = augment(args.real, args.synthetic, args.ratio, args.out, shard_size=args.shard_size, seed=args.seed,
+                     wait=args.wait)
     _emit(args, result, [f"wrote {result['num_images']} rows ({result['num_real']} real, {result['num_synthetic']} "
                          f"synthetic) in {result['num_shards']} shard(s) to {result['out']}",
                          f"manifest: {result['manifest']}"])
@@ -268,6 +275,7 @@ def build_parser() -> Parser:
                    help="auto: continue this config's run from its last checkpoint; never: a fresh run")
     p.add_argument("--num-processes", type=int, help="processes (devices) to train on")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    _add_wait(p, "the same run directory")
     p.set_defaults(func=cmd_train)
 
     p = _command_parser(sub, "evaluate", "quality metrics of generated against real data", "eval",
@@ -334,6 +342,7 @@ def build_parser() -> Parser:
                    help="export.near_copy_ratio: memorisation check: near copy when the distance to the nearest "
                         "training example is below this times the median nearest-neighbour distance within the "
                         f"training data (default {defaults.export.near_copy_ratio})")
+    _add_wait(p, "to the same --out")
     _add_json(p)
     p.set_defaults(func=cmd_export)
 
@@ -344,6 +353,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="local path or s3:// URI")
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0, help="export seed of the generated rows when --synthetic is a MODEL")
+    _add_wait(p, "to the same --out")
     _add_json(p)
     p.set_defaults(func=cmd_augment)
 

@@ -39,13 +39,14 @@ from ganpipe.progress import Progress, duration
 from ganpipe.quality_gates import GateSettings, QualityGates, combine_summaries, prepare_gates
 from ganpipe.shards import (
     PNG_LEVEL,
+    SCRATCH_PREFIX,
     ImageFolderShard,
     ParquetShard,
     ShardLayout,
-    claim_output,
+    check_ownership,
     dataset_card,
     finish_dataset,
-    remove_stale_scratch,
+    own_output,
     scratch_dir,
 )
 from ganpipe.synthetic_rows import LabelPlan, class_names, hf_features, label_plan, row_seed, shard_table
@@ -115,7 +116,7 @@ def _write_shard(job: ExportJob, k: int, loaded: LoadedGenerator, gates: Quality
     gated: list[dict[str, Any]] = []
     gate_summary: dict[str, Any] | None = None
     rows = 0
-    with tempfile.TemporaryDirectory(dir=scratch_dir(plan.out), prefix=".tmp-") as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch_dir(plan.out), prefix=SCRATCH_PREFIX) as tmp:
         shard = plan.open_shard(Path(tmp), hf_features(spec))
         pending: deque[Future] = deque()
         for begin in range(start, stop, GENERATE_ROWS):
@@ -183,7 +184,7 @@ def export_progress_line(progress: Progress, _: dict[str, float] | None) -> str:
 
 def _identity(source: dict[str, Any], plan: ExportPlan, labels: LabelPlan, weights_sha: str,
               gates: GateSettings) -> dict[str, Any]:
-    """What the output location's marker holds (ganpipe.shards.claim_output): keys and values
+    """What the output location's marker holds (ganpipe.shards.own_output): keys and values
     stay as they are, so an export started by an earlier version is recognised and resumed."""
     return {"format_version": FORMAT_VERSION, "model_uri": source.get("model_uri"), "weights_sha256": weights_sha,
             "num_images": plan.num_rows, "shard_size": plan.shard_size, "format": plan.fmt, "seed": plan.seed,
@@ -216,15 +217,18 @@ def training_class_counts(loaded: LoadedGenerator, endpoint_url: str | None) -> 
 
 
 def export(model: str, settings: ExportConfig, endpoint_url: str | None = None, progress: bool = True,
-           training_counts: dict[str, int] | None = None) -> dict[str, Any]:
+           training_counts: dict[str, int] | None = None, wait: bool = False) -> dict[str, Any]:
     """Write (or finish writing) `settings.num_images` rows of MODEL to `settings.out`; return the
     contract's result. `training_counts` (class -> rows of the training data) steer the labels
-    when neither class_balance nor class_counts is set; by default they come from the model's run."""
+    when neither class_balance nor class_counts is set; by default they come from the model's run.
+    The output is locked while we write (UserError naming the holder when another process is
+    writing it, unless `wait`); a folder holding anything ganpipe did not write is refused."""
     if settings.num_images < 1:
         raise UserError("--num-images (export.num_images) must be at least 1")
     if not settings.out:
         raise UserError("--out (export.out): say where to write the dataset")
     storage.require_folder(settings.out, "--out (export.out)")
+    check_ownership(settings.out.rstrip("/"), endpoint_url)  # before the model loads: fail in a second
     gates = GateSettings.from_config(settings)
     loaded = load_generator(model)
     spec = loaded.spec
@@ -235,25 +239,23 @@ def export(model: str, settings: ExportConfig, endpoint_url: str | None = None, 
     counts = training_counts if training_counts is not None else training_class_counts(loaded, endpoint_url)
     labels = label_plan(spec, plan.num_rows, settings.class_balance, settings.class_counts, counts)
     identity = _identity(loaded.source, plan, labels, weights_sha256(loaded), gates)
-    claim_output(plan.out, identity, endpoint_url)
-    remove_stale_scratch(plan.out)
-    gate_plan = prepare_gates(gates, loaded, plan.out, endpoint_url,
-                              lambda n: calibration_rows(loaded, plan.seed, n)) if gates.enabled else None
-
-    pending = plan.pending(endpoint_url)
-    if pending:
-        job = ExportJob(loaded.source["model_uri"], plan, labels, pending, endpoint_url, gate_plan)
-        todo = sum(plan.shard_rows(k)[1] - plan.shard_rows(k)[0] for k in pending)
-        meter = Progress(todo, "export", "img", export_progress_line, enabled=progress, every=2.0)
-        try:
-            processes = min(settings.num_processes, len(pending))
-            if processes == 1:
-                write_shards(job, 0, 1, "cuda" if torch.cuda.is_available() else "cpu", meter.advance)
-            else:
-                launch_ranks(job, processes, meter)
-        finally:
-            meter.close()
-    return write_manifest(plan, loaded, labels, identity, gate_plan, endpoint_url, written=len(pending))
+    with own_output(plan.out, identity, endpoint_url, "ganpipe export", wait=wait) as lock:
+        gate_plan = prepare_gates(gates, loaded, plan.out, endpoint_url,
+                                  lambda n: calibration_rows(loaded, plan.seed, n)) if gates.enabled else None
+        pending = plan.pending(endpoint_url)
+        if pending:
+            job = ExportJob(loaded.source["model_uri"], plan, labels, pending, endpoint_url, gate_plan)
+            todo = sum(plan.shard_rows(k)[1] - plan.shard_rows(k)[0] for k in pending)
+            meter = Progress(todo, "export", "img", export_progress_line, enabled=progress, every=2.0)
+            try:
+                processes = min(settings.num_processes, len(pending))
+                if processes == 1:
+                    write_shards(job, 0, 1, "cuda" if torch.cuda.is_available() else "cpu", meter.advance)
+                else:
+                    launch_ranks(job, processes, meter, () if lock is None else (lock,))
+            finally:
+                meter.close()
+        return write_manifest(plan, loaded, labels, identity, gate_plan, endpoint_url, written=len(pending))
 
 
 def write_manifest(plan: ExportPlan, loaded: LoadedGenerator, labels: LabelPlan, identity: dict[str, Any],
@@ -318,9 +320,10 @@ Load with `datasets.{load}`. See manifest.json for per-shard row counts and chec
 
 # --- several processes: accelerate launch, each rank writing its own shards ---------------------
 
-def launch_ranks(job: ExportJob, processes: int, meter: Progress) -> None:
+def launch_ranks(job: ExportJob, processes: int, meter: Progress, hold_fds: tuple[int, ...] = ()) -> None:
     """Run `processes` ranks under `accelerate launch` (their own process group, killed with us on
-    SIGTERM/Ctrl-C; on SIGKILL their watchdog stops them: ganpipe.workers). Their progress lines feed `meter`."""
+    SIGTERM/Ctrl-C; on SIGKILL their watchdog stops them: ganpipe.workers). Their progress lines feed
+    `meter`; they inherit `hold_fds` (the output's lock), so it is held until the last one is gone."""
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
         raise UserError(f"--num-processes {processes}: only {torch.cuda.device_count()} GPU(s) here")
 
@@ -334,7 +337,7 @@ def launch_ranks(job: ExportJob, processes: int, meter: Progress) -> None:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(job.to_json()))
         run_workers("ganpipe.export", [str(job_file)], what="export", num_processes=processes,
-                    cpu=not torch.cuda.is_available(), on_line=on_line)
+                    cpu=not torch.cuda.is_available(), on_line=on_line, hold_fds=hold_fds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,15 @@ spec, the run directory), so bad input fails in seconds with one `error:` line.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ganpipe import runs, storage
+from ganpipe import locks, runs, storage
 from ganpipe.config import Config
 from ganpipe.data import IngestResult, ingest, open_prepared
 from ganpipe.errors import Failure, UserError
@@ -29,36 +31,44 @@ class TrainingFailed(Failure):
 class PreparedRun:
     run_dir: Path
     data: IngestResult
+    lock: int  # the run directory's lock (ganpipe.locks), held while the `prepared_run` block runs
 
 
-def prepare_run(cfg: Config, resume: str = "auto") -> PreparedRun:
-    """Ingest (a cache hit when unchanged), choose the run directory, save the effective config,
-    and check that the networks can be built for this data before any process starts."""
+@contextmanager
+def prepared_run(cfg: Config, resume: str = "auto", wait: bool = False) -> Iterator[PreparedRun]:
+    """Ingest (a cache hit when unchanged), check that the networks can be built for this data,
+    choose the run directory and lock it (one writer per run: a second `ganpipe train` of the
+    same config gets exit 2 naming the holder, or waits its turn with `wait`), then save the
+    effective config. The lock is held for the block."""
     data = ingest(cfg.data, cfg.storage.endpoint_url)
     network_spec(cfg, open_prepared(data.location, cfg.storage.endpoint_url))
     run_dir = runs.run_dir_for(cfg, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    storage.write_bytes_atomic(str(run_dir / "config.yaml"), cfg.to_yaml().encode())
-    runs.update_info(run_dir, name=run_dir.name, identity=runs.run_identity(cfg), config_hash=cfg.hash(),
-                     data={"fingerprint": data.fingerprint, "location": data.location,
-                           "num_records": data.num_records, "classes": data.classes})
-    return PreparedRun(run_dir, data)
+    with locks.hold_folder(run_dir, "ganpipe train", wait=wait) as lock:
+        storage.write_bytes_atomic(str(run_dir / "config.yaml"), cfg.to_yaml().encode())
+        runs.update_info(run_dir, name=run_dir.name, identity=runs.run_identity(cfg), config_hash=cfg.hash(),
+                         data={"fingerprint": data.fingerprint, "location": data.location,
+                               "num_records": data.num_records, "classes": data.classes})
+        yield PreparedRun(run_dir, data, lock)
 
 
-def launch_training(cfg: Config, resume: str = "auto", on_line: LineHandler | None = None) -> dict[str, Any]:
+def launch_training(cfg: Config, resume: str = "auto", on_line: LineHandler | None = None,
+                    wait: bool = False) -> dict[str, Any]:
     """`ganpipe train`: returns the contract's result (run_dir, steps, checkpoint, mlflow_run_id,
-    resumed_from_step) or raises UserError / a Failure naming the workers' cause."""
+    resumed_from_step) or raises UserError / a Failure naming the workers' cause. The run
+    directory stays locked until the last worker is gone (they inherit the lock)."""
     t = cfg.train
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
     if t.accelerate_config and not Path(t.accelerate_config).is_file():
         raise UserError(f"train.accelerate_config: file not found: {t.accelerate_config}")
-    run_dir = prepare_run(cfg, resume).run_dir
-    (run_dir / "result.json").unlink(missing_ok=True)
-    run_workers("ganpipe.train", [str(run_dir)], what="training", num_processes=t.num_processes,
-                num_machines=t.num_machines, mixed_precision=t.mixed_precision,
-                accelerate_config=t.accelerate_config, cpu=t.cpu, on_line=on_line, log_file=run_dir / "train.log")
-    result = runs.read_json(run_dir / "result.json")
+    with prepared_run(cfg, resume, wait) as prepared:
+        run_dir = prepared.run_dir
+        (run_dir / "result.json").unlink(missing_ok=True)
+        run_workers("ganpipe.train", [str(run_dir)], what="training", num_processes=t.num_processes,
+                    num_machines=t.num_machines, mixed_precision=t.mixed_precision,
+                    accelerate_config=t.accelerate_config, cpu=t.cpu, on_line=on_line,
+                    log_file=run_dir / "train.log", hold_fds=(prepared.lock,))
+        result = runs.read_json(run_dir / "result.json")
     if result.get("status") != "completed":
         raise TrainingFailed(f"training ended without a result (see {run_dir / 'train.log'})")
     return result

@@ -49,14 +49,20 @@ def runs_root() -> Path:
 
 
 def run_dir_for(cfg: Config, resume: str) -> Path:
-    """`auto`: the run this config belongs to (new or existing). `never`: always a fresh directory."""
+    """`auto`: the run this config belongs to (new or existing). `never`: always a fresh directory,
+    created here (an atomic mkdir, so two `--resume never` started together get one each)."""
     base = cfg.train.run_name or f"{_slug(cfg.registry.name)}-{run_identity(cfg)}"
     path = runs_root() / base
     if resume == "never":
         n = 1
-        while path.exists():
-            n += 1
-            path = runs_root() / f"{base}-{n}"
+        while True:
+            inside_runs_root(path)
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                path = runs_root() / f"{base}-{n}"
     return inside_runs_root(path)
 
 

@@ -4,7 +4,11 @@
 Layout (parquet):      out/data/train-00000-of-00004.parquet, ...
 Layout (imagefolder):  out/train/00000/<index>.png ... + out/train/00000/metadata.parquet, ...
 Both:                  out/manifest.json, out/README.md (dataset card), out/.shards/NNNNN.json,
-                       out/.ganpipe-export.json (which dataset this location holds)
+                       out/.ganpipe-export.json (which dataset this location holds),
+                       out/.ganpipe.lock (who is writing it now: ganpipe.locks)
+
+An output location is ganpipe's only when it is missing, empty, or holds the marker
+.ganpipe-export.json; a folder with anything else in it is the user's and is refused untouched.
 
 Each shard is built in a local scratch place and committed whole (a rename locally; complete
 uploads on S3, the imagefolder's metadata last), then recorded in .shards/; a rerun skips recorded
@@ -18,16 +22,22 @@ import os
 import shutil
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ganpipe import storage
+from ganpipe import locks, storage
 from ganpipe.errors import UserError
 
 MARKER = ".ganpipe-export.json"  # the identity of the dataset an output location holds
+# Shards are built in folders named so (beside a local output); a name nobody else uses, so that
+# cleaning up after a killed run removes only what ganpipe created.
+SCRATCH_PREFIX = ".ganpipe-scratch-"
+FOREIGN_SHOWN = 3  # names of foreign files an error message lists
 # Parquet pages are zstd-compressed, which squeezes raw pixels about as well as per-image deflate
 # at a fraction of the CPU; files in an image folder stand alone, so they get deflate level 1.
 PNG_LEVEL = {"parquet": 0, "imagefolder": 1}
@@ -237,6 +247,23 @@ class ShardLayout:
 
 # --- the output location ----------------------------------------------------------------------------
 
+def check_ownership(out: str, endpoint_url: str | None, option: str = "--out") -> None:
+    """Refuse (UserError, nothing touched) an output location that is not ganpipe's to write: a
+    file, or a folder holding anything but a marked dataset (or a lock left by an export killed
+    before it wrote its marker)."""
+    if storage.is_file(out, endpoint_url):
+        raise UserError(f"{option} {out}: is a file; name a folder (missing, empty, or an earlier export)")
+    names = storage.list_names(out, endpoint_url)
+    if MARKER in names:
+        return
+    foreign = sorted(name for name in names if name != locks.LOCK_FILE)
+    if foreign:
+        more = len(foreign) - FOREIGN_SHOWN
+        shown = ", ".join(foreign[:FOREIGN_SHOWN]) + (f" and {more} more" if more > 0 else "")
+        raise UserError(f"{option} {out}: holds files ganpipe did not write: {shown}; "
+                        "choose an empty or new folder")
+
+
 def claim_output(out: str, identity: dict[str, Any], endpoint_url: str | None, option: str = "--out") -> None:
     """An output location holds one dataset: rerunning the same command resumes it; a different
     one (other model, seed, size) is refused rather than mixed in."""
@@ -251,6 +278,27 @@ def claim_output(out: str, identity: dict[str, Any], endpoint_url: str | None, o
     storage.write_json_atomic(marker, identity, endpoint_url)
 
 
+@contextmanager
+def own_output(out: str, identity: dict[str, Any], endpoint_url: str | None, command: str, *,
+               wait: bool = False, option: str = "--out") -> Iterator[int | None]:
+    """Make `out` this dataset's for the block: check it is ganpipe's to write, lock it (local
+    paths; the lock's descriptor is yielded for child processes to inherit, None on S3, which
+    has no locks), claim it, and clear half-built shards of a killed run. Only ours are removed:
+    scratch names, in a folder marked as ours, while we hold its lock (no live writer has any)."""
+    check_ownership(out, endpoint_url, option)
+    if storage.is_remote(out):
+        claim_output(out, identity, endpoint_url, option)
+        yield None
+        return
+    folder = storage.local_path(out)
+    with locks.hold_folder(folder, command, wait=wait) as lock:
+        check_ownership(out, endpoint_url, option)  # again: it may have changed while we waited
+        claim_output(out, identity, endpoint_url, option)
+        for path in folder.glob(f"{SCRATCH_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+        yield lock
+
+
 def scratch_dir(out: str) -> str | None:
     """Build shards beside a local output (so committing is a rename); in a temp dir for S3."""
     if storage.is_remote(out):
@@ -258,13 +306,6 @@ def scratch_dir(out: str) -> str | None:
     path = storage.local_path(out)
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
-
-
-def remove_stale_scratch(out: str) -> None:
-    """Half-built shards of a killed run (one run writes an output at a time)."""
-    if not storage.is_remote(out):
-        for path in storage.local_path(out).glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # --- finishing: the dataset card, then the manifest ----------------------------------------------

@@ -86,6 +86,23 @@ def exists(uri: str, endpoint_url: str | None = None) -> bool:
     return fs.exists(path)
 
 
+def is_file(uri: str, endpoint_url: str | None = None) -> bool:
+    fs, path = filesystem(uri, endpoint_url)
+    return fs.isfile(path)
+
+
+def list_names(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """The names directly inside the folder (or prefix) `uri`, sub-folders with a trailing "/";
+    [] when there is no such folder."""
+    fs, path = filesystem(uri, endpoint_url)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return [entry["name"].rstrip("/").rsplit("/", 1)[-1] + ("/" if entry["type"] == "directory" else "")
+            for entry in entries if entry["name"].rstrip("/") != path.rstrip("/")]
+
+
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     fs, path = filesystem(uri, endpoint_url)
     return fs.cat_file(path)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ganpipe import runs, storage
+from ganpipe import locks, runs, storage
 from ganpipe.config import Config
 
 # MLflow 3 sends usage telemetry to the internet unless told not to; ganpipe talks only to the
@@ -17,6 +17,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow draws a progress bar for every artifact download (a model load, a registration's
 # validation): a few per pipeline run, cluttering its log. An explicit setting still wins.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+_PREPARED_STORES: set[str] = set()  # sqlite stores this process has opened (prepare_embedded_store)
 
 
 def tracking_uri() -> str:
@@ -47,6 +50,25 @@ def configure_mlflow() -> None:
             os.environ.pop(variable, None)
         else:
             os.environ[variable] = value
+    prepare_embedded_store(uri, user_set["MLFLOW_REGISTRY_URI"] or uri)
+
+
+def prepare_embedded_store(uri: str, registry_uri: str) -> None:
+    """Create (and migrate) a sqlite store under a file lock beside it. MLflow creates its tables
+    on first use with no lock of its own: two processes on a fresh GANPIPE_HOME (two `ganpipe
+    train` started together) would both migrate, and one died with a traceback. Once per process."""
+    if not uri.startswith("sqlite:///") or uri in _PREPARED_STORES:
+        return
+    from mlflow import MlflowClient
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    with locks.hold(database.with_name(database.name + ".lock"), str(database), "MLflow store set-up",
+                    wait=True, quiet=True):
+        client = MlflowClient(uri, registry_uri)
+        client.search_experiments(max_results=1)  # opening the store creates and migrates it
+        if registry_uri == uri:
+            client.search_registered_models(max_results=1)
+    _PREPARED_STORES.add(uri)
 
 
 def experiment_id(name: str) -> str:

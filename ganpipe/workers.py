@@ -83,12 +83,15 @@ def worker_env(num_processes: int, cpu: bool) -> dict[str, str]:
 
 def run_workers(module: str, args: list[str], *, what: str, num_processes: int = 1, num_machines: int = 1,
                 mixed_precision: str = "no", accelerate_config: str | None = None, cpu: bool = False,
-                on_line: LineHandler | None = None, log_file: Path | None = None) -> None:
+                on_line: LineHandler | None = None, log_file: Path | None = None, hold_fds: tuple[int, ...] = ()
+                ) -> None:
     """Run `accelerate launch -m MODULE ARGS` to the end. Raises UserError or WorkerFailed naming
-    the workers' own cause when they fail; `what` names the work in messages ("training")."""
+    the workers' own cause when they fail; `what` names the work in messages ("training").
+    `hold_fds` (lock descriptors, ganpipe.locks) are inherited by the launched group, so a lock
+    stays held until its last process is gone, even when we are killed first."""
     cmd = accelerate_command(module, args, num_processes, num_machines, mixed_precision, accelerate_config)
     output = WorkerOutput(on_line, log_file)
-    code = run_process_group(cmd, worker_env(num_processes, cpu), output)
+    code = run_process_group(cmd, worker_env(num_processes, cpu), output, hold_fds)
     if code == 0:
         return
     cause = output.last_error
@@ -136,11 +139,12 @@ class WorkerOutput:
             self.log.close()
 
 
-def run_process_group(cmd: list[str], env: dict[str, str], output: WorkerOutput) -> int:
+def run_process_group(cmd: list[str], env: dict[str, str], output: WorkerOutput, hold_fds: tuple[int, ...] = ()
+                      ) -> int:
     """Run `cmd` in a new session, its lines to `output`; kill the whole group if we are
     interrupted. The children learn our pid (GANPIPE_LAUNCHER_PID), for their watchdog."""
     env = {**env, LAUNCHER_PID_ENV: str(os.getpid())}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=hold_fds, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
     try:
         with _sigterm_raises():

@@ -22,7 +22,7 @@ from ganpipe.errors import UserError
 from ganpipe.export import export, export_location
 from ganpipe.generators import load_generator
 from ganpipe.networks import NetworkSpec, build_generator, generate
-from ganpipe.shards import encode_png, encode_pngs
+from ganpipe.shards import SCRATCH_PREFIX, encode_png, encode_pngs
 from ganpipe.synthetic_rows import row_seed
 from tests.conftest import error_lines, last_json, run_cli, write_config
 
@@ -327,4 +327,4 @@ def test_export_killed_part_way_reruns_to_the_uninterrupted_rows(tiny_run: Path,
     rows, expected = read_rows(out), read_rows(reference)
     assert rows.column("index").to_pylist() == list(range(n))
     assert rows.equals(expected)
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in out.iterdir() if p.name.startswith(SCRATCH_PREFIX)]
