@@ -97,18 +97,36 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["mlp", "dcgan"] = "dcgan"
+    family: Literal["mlp", "dcgan", "resnet", "r3gan"] = Field(
+        "dcgan", description="mlp (vectors or flattened images) | dcgan (8-1024 px) | resnet (SNGAN/BigGAN-style "
+                             "residual networks, 32-256 px) | r3gan (R3GAN's normalisation-free residual networks, "
+                             "16-256 px); resnet and r3gan need image data")
     conditional: bool = False
     latent_dim: int = Field(100, ge=1)
-    g_width: int = Field(64, ge=1, description="DCGAN base channels / MLP hidden units of the generator")
-    d_width: int = Field(64, ge=1, description="DCGAN base channels / MLP hidden units of the discriminator")
+    g_width: int = Field(64, ge=1, description="generator base channels (dcgan, resnet, r3gan: the layers at the "
+                                               "image's size; smaller maps get up to 16x) / MLP hidden units")
+    d_width: int = Field(64, ge=1, description="discriminator base channels (as g_width) / MLP hidden units")
     mlp_layers: int = Field(3, ge=1, description="hidden layers of each MLP network")
-    g_conditioning: Literal["embedding", "cbn"] = "embedding"
-    d_conditioning: Literal["projection", "concat"] = "projection"
-    spectral_norm: bool = False
+    g_conditioning: Literal["auto", "embedding", "cbn"] = Field(
+        "auto", description="how labels enter G. auto: cbn for resnet, embedding otherwise; resnet takes cbn "
+                            "only, r3gan embedding only (the other is refused)")
+    d_conditioning: Literal["projection", "concat"] = Field(
+        "projection", description="how labels enter D; resnet and r3gan take projection only")
+    spectral_norm: bool = Field(
+        False, description="spectral norm on D's layers (mlp, dcgan). resnet: always on, this key is ignored; "
+                           "r3gan: refused (it has no normalisation)")
     d_norm: Literal["auto", "batch", "none"] = Field(
-        "auto", description="auto: batch norm, except none with spectral norm or a gradient penalty")
+        "auto", description="auto: batch norm, except none with spectral norm or a gradient penalty; resnet and "
+                            "r3gan have no batch norm in D (batch is refused)")
     pack: int = Field(1, ge=1, description="PacGAN: the discriminator judges this many samples jointly")
+    attention_resolution: int = Field(
+        0, ge=0, description="resnet: SAGAN self-attention in G and D at this feature-map size, one of G's "
+                             "resolutions from 8 to data.resolution (0: off; r3gan refuses it)")
+    r3gan_expansion: int = Field(2, ge=1, description="r3gan: inverted bottleneck width = stage width x this")
+    r3gan_group_size: int = Field(
+        16, ge=1, description="r3gan: channels per group of the grouped 3x3 convolution; must divide every "
+                              "expanded width (or exceed it: one group)")
+    r3gan_blocks: int = Field(2, ge=1, description="r3gan: residual blocks per resolution, in G and in D")
 
 
 LossName = Literal["minimax", "non_saturating", "hinge", "least_squares", "wgan_gp"]

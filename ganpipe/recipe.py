@@ -11,7 +11,7 @@ import torch
 from ganpipe.config import Config
 from ganpipe.data import PreparedData
 from ganpipe.errors import UserError
-from ganpipe.networks import NetworkSpec
+from ganpipe.networks import NetworkSpec, check_spec
 
 
 def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
@@ -19,28 +19,61 @@ def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
     m = cfg.model
     if m.conditional and not data.classes:
         raise UserError("model.conditional: the prepared data has no labels (set data.label_column)")
-    if m.family == "dcgan" and data.kind != "image":
-        raise UserError("model.family: dcgan needs image data; use mlp for data.kind: vector")
+    if m.family != "mlp" and data.kind != "image":
+        raise UserError(f"model.family: {m.family} needs image data; use mlp for data.kind: vector")
     if cfg.train.augment != "none" and data.kind != "image":
         raise UserError(f"train.augment: {cfg.train.augment} augments images; data.kind is {data.kind} "
                         "(set train.augment: none)")
     if m.pack > 1 and m.conditional:
         raise UserError("model.pack: packing is for unconditional models")
-    d_norm = m.d_norm
-    if d_norm == "auto":
-        d_norm = "none" if m.spectral_norm or cfg.train.loss == "wgan_gp" or cfg.train.r1_gamma else "batch"
+    if m.attention_resolution and m.family in ("mlp", "dcgan"):
+        raise UserError(f"model.attention_resolution: only the resnet family has attention (model.family: {m.family})")
     if m.family == "dcgan":
         resolution = data.sample_shape[1]
         if resolution < 8 or resolution & (resolution - 1):
             raise UserError(f"data.resolution: DCGAN needs a power of two >= 8, got {resolution}")
+    g_conditioning, d_norm, spectral_norm = _family_options(cfg)
     mean, std = data.vector_stats if data.kind == "vector" else ((), ())
-    return NetworkSpec(
+    spec = NetworkSpec(
         family=m.family, sample_shape=data.sample_shape, latent_dim=m.latent_dim,
         num_classes=data.num_classes if m.conditional else 0, g_width=m.g_width, d_width=m.d_width,
-        mlp_layers=m.mlp_layers, g_conditioning=m.g_conditioning, d_conditioning=m.d_conditioning,
-        spectral_norm=m.spectral_norm, d_norm=d_norm, pack=m.pack,
+        mlp_layers=m.mlp_layers, g_conditioning=g_conditioning, d_conditioning=m.d_conditioning,
+        spectral_norm=spectral_norm, d_norm=d_norm, pack=m.pack, attention_resolution=m.attention_resolution,
+        r3gan_expansion=m.r3gan_expansion, r3gan_group_size=m.r3gan_group_size, r3gan_blocks=m.r3gan_blocks,
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         columns=tuple(data.meta.get("columns") or ()), classes=tuple(data.classes or ()))
+    try:
+        check_spec(spec)  # the family's own rules (resolutions, attention, group sizes), before any process starts
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return spec
+
+
+# The residual families build one way: G's conditioning, and a discriminator without batch norm.
+RESIDUAL_G_CONDITIONING = {"resnet": "cbn", "r3gan": "embedding"}
+
+
+def _family_options(cfg: Config) -> tuple[str, str, bool]:
+    """(g_conditioning, d_norm, spectral_norm) as the family builds them. For resnet and r3gan the
+    spec records what their builders do; a setting they cannot honour is a UserError, not ignored
+    (except spectral_norm for resnet, whose discriminator always has it)."""
+    m = cfg.model
+    if m.family not in RESIDUAL_G_CONDITIONING:
+        d_norm = m.d_norm
+        if d_norm == "auto":
+            d_norm = "none" if m.spectral_norm or cfg.train.loss == "wgan_gp" or cfg.train.r1_gamma else "batch"
+        return ("embedding" if m.g_conditioning == "auto" else m.g_conditioning), d_norm, m.spectral_norm
+    family, g_conditioning = m.family, RESIDUAL_G_CONDITIONING[m.family]
+    if m.g_conditioning not in ("auto", g_conditioning):
+        raise UserError(f"model.g_conditioning: {family} conditions its generator by {g_conditioning}, "
+                        f"not {m.g_conditioning} (use auto)")
+    if m.d_conditioning != "projection":
+        raise UserError(f"model.d_conditioning: {family} conditions its discriminator by projection, not {m.d_conditioning}")
+    if m.d_norm == "batch":
+        raise UserError(f"model.d_norm: {family}'s discriminator has no batch norm (use auto or none)")
+    if family == "r3gan" and m.spectral_norm:
+        raise UserError("model.spectral_norm: r3gan has no normalisation of any kind (set false)")
+    return g_conditioning, "none", family == "resnet"
 
 
 class BatchSampler:

@@ -107,6 +107,8 @@ def test_generate_outputs_user_units() -> None:
 FAMILY_EXAMPLES = {
     "dcgan": NetworkSpec("dcgan", (3, 16, 16), latent_dim=8, num_classes=3, g_width=4, d_width=4),
     "mlp": NetworkSpec("mlp", (5,), latent_dim=4, g_width=8, d_width=8),
+    "resnet": NetworkSpec("resnet", (3, 32, 32), latent_dim=8, num_classes=3, g_width=4, d_width=4),
+    "r3gan": NetworkSpec("r3gan", (1, 16, 16), latent_dim=8, g_width=4, d_width=4, r3gan_blocks=1),
 }
 
 

@@ -364,3 +364,51 @@ def test_load_by_alias_in_a_fresh_process(tiny_run: Path, tiny_conditional_run: 
     assert not (out["truncated"] == out["plain"][:2]).all()
     assert (out["cond"] == generate(cond.generator, cond.spec, [5, 5, 6], [0, 3, 9]).numpy()).all()
     assert not (out["cond"][0] == out["cond"][1]).all()  # same seed, other label: another image
+
+
+SHIPPED_FAMILIES = r"""
+import importlib.util, types
+
+sys.path.insert(0, sys.argv[1])  # holds ganpipe_generator/, as a registered model's code path does
+source = importlib.util.spec_from_file_location("registered_model", sys.argv[2])
+code = importlib.util.module_from_spec(source)
+source.loader.exec_module(code)
+out = {}
+for folder in sys.argv[3:]:
+    model = code.GeneratorModel()
+    model.load_context(types.SimpleNamespace(artifacts={"spec": f"{folder}/spec.json",
+                                                        "weights": f"{folder}/generator.safetensors"}))
+    out[folder] = model.predict(None, pd.DataFrame({"seed": [1, 2, 3], "label": [0, 2, 1]})).tolist()
+print(json.dumps(out))
+"""
+
+
+def test_new_families_load_through_the_shipped_networks_package(tmp_path: Path) -> None:
+    """A registered model's code (mlflow_model.py and the networks package as ganpipe_generator.networks,
+    copied as registration copies them) rebuilds every convolutional family from spec.json alone,
+    where ganpipe is not installed, and samples exactly what ganpipe samples."""
+    package = tmp_path / "code" / "ganpipe_generator"
+    (package / "networks").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for source in Path(networks.__file__).parent.glob("*.py"):
+        shutil.copyfile(source, package / "networks" / source.name)
+    expected, folders = {}, []
+    for family in ("dcgan", "resnet", "r3gan"):
+        torch.manual_seed(0)
+        spec = networks.NetworkSpec(family, (3, 32, 32), latent_dim=8, num_classes=3, g_width=4, d_width=4,
+                                    attention_resolution=16 if family == "resnet" else 0)
+        generator = networks.build_generator(spec)
+        with torch.no_grad():  # away from the initialisation (zero branches, unit CBN gains)
+            for p in generator.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        folder = tmp_path / family
+        folder.mkdir()
+        (folder / "spec.json").write_text(json.dumps(spec.to_json()))
+        save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(folder / "generator.safetensors"))
+        expected[str(folder)] = generate(generator.eval(), spec, [1, 2, 3], [0, 2, 1]).numpy()
+        folders.append(str(folder))
+    out = run_without_ganpipe(SHIPPED_FAMILIES, str(tmp_path / "code"), str(Path(registry.__file__).with_name(
+        "mlflow_model.py")), *folders, cwd=tmp_path)
+    for folder in folders:
+        images = np.asarray(out[folder], dtype=np.uint8)
+        assert images.shape == (3, 32, 32, 3) and (images == expected[folder]).all(), folder

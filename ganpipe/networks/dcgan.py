@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import ConditionalBatchNorm2d, label_embedding_dim, pack, spectral_norm_if
+from .layers import batch_norm, label_embedding_dim, normalise, pack, spectral_norm_if
 from .spec import NetworkSpec
 
 
@@ -16,12 +16,10 @@ class UpBlock(nn.Module):
         super().__init__()
         stride, padding = (1, 0) if first else (2, 1)
         self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride, padding, bias=False)
-        self.norm = ConditionalBatchNorm2d(c_out, num_classes) if num_classes else nn.BatchNorm2d(c_out)
+        self.norm = batch_norm(c_out, num_classes)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        x = self.conv(x)
-        x = self.norm(x, labels) if isinstance(self.norm, ConditionalBatchNorm2d) else self.norm(x)
-        return torch.relu(x)
+        return torch.relu(normalise(self.norm, self.conv(x), labels))
 
 
 def dcgan_depth(resolution: int) -> int:

@@ -1,5 +1,6 @@
 """Building blocks shared by the network families: conditional batch norm, label embeddings,
-optional spectral norm and PacGAN packing."""
+optional spectral norm, PacGAN packing, and the resolution pyramid and channel widths of the
+convolutional families."""
 
 from __future__ import annotations
 
@@ -25,6 +26,16 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.norm(x) * self.gain(labels)[:, :, None, None] + self.bias(labels)[:, :, None, None]
 
 
+def batch_norm(channels: int, num_classes: int) -> nn.Module:
+    """Conditional batch norm for a class-conditional generator (num_classes > 0), else plain."""
+    return ConditionalBatchNorm2d(channels, num_classes) if num_classes else nn.BatchNorm2d(channels)
+
+
+def normalise(norm: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Apply a batch norm that is conditional (takes the labels) or plain (does not)."""
+    return norm(x, labels) if isinstance(norm, ConditionalBatchNorm2d) else norm(x)
+
+
 def label_embedding_dim(num_classes: int) -> int:
     """Width of a generator's label embedding: enough to tell the classes apart, at most 64."""
     return min(64, max(8, num_classes))
@@ -43,3 +54,17 @@ def pack(x: torch.Tensor, group: int) -> torch.Tensor:
     if x.shape[0] % group:
         raise ValueError(f"batch of {x.shape[0]} is not divisible by model.pack={group}")
     return x.reshape(x.shape[0] // group, group * x.shape[1], *x.shape[2:])
+
+
+def pyramid(resolution: int, lowest: int, highest: int, family: str) -> list[int]:
+    """The feature-map sizes 4, 8, ..., `resolution` of a family that grows images from 4x4.
+    A size it cannot build is a ValueError naming data.resolution (the key that sets it)."""
+    if resolution & (resolution - 1) or not lowest <= resolution <= highest:
+        raise ValueError(f"data.resolution: {family} needs a power of two in [{lowest}, {highest}], got {resolution}")
+    return [2**k for k in range(2, resolution.bit_length())]
+
+
+def channel_width(base: int, resolution: int, image_resolution: int, cap: int = 16) -> int:
+    """BigGAN's width schedule: `base` channels at the image's own size, twice as many at each
+    halving below it, at most `cap` x base: small maps are cheap, so they get the most channels."""
+    return base * min(cap, image_resolution // resolution)

@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    family: str  # a key of ganpipe.networks.FAMILIES: mlp | dcgan
+    family: str  # a key of ganpipe.networks.FAMILIES: mlp | dcgan | resnet | r3gan
     sample_shape: tuple[int, ...]  # (C, H, W) for images, (D,) for vectors
     latent_dim: int
     num_classes: int = 0  # 0: unconditional
@@ -20,6 +20,11 @@ class NetworkSpec:
     spectral_norm: bool = False
     d_norm: str = "batch"  # batch | none
     pack: int = 1
+    # Fields added later default to what specs written before them built, so old spec.json files load.
+    attention_resolution: int = 0  # resnet: self-attention at this feature-map size (0: none)
+    r3gan_expansion: int = 2  # r3gan: inverted bottleneck's expansion factor
+    r3gan_group_size: int = 16  # r3gan: channels per group of the grouped 3x3 convolution
+    r3gan_blocks: int = 2  # r3gan: residual blocks per resolution
     # For vector data: the statistics that map the generator's standardised output back to data units.
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
