@@ -303,12 +303,12 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path: Path)
     assert np.load(tmp_path / "g.npy").shape == (4, 16, 16, 1)
 
 
-def _gaussians_config(tmp_path: Path, extra: str = "") -> Path:
+def _gaussians_config(tmp_path: Path, extra: str = "", steps: int = 30) -> Path:
     return write_config(tmp_path / "g.yaml", f"""
 seed: 0
 data: {{source: builtin:gaussians25, kind: vector, columns: [x, y]}}
 model: {{family: mlp, latent_dim: 4, g_width: 16, d_width: 16, mlp_layers: 2}}
-train: {{steps: 30, batch_size: 32, log_every: 10, checkpoint_every: 30, sample_every: 30{extra}}}
+train: {{steps: {steps}, batch_size: 32, log_every: 10, checkpoint_every: 30, sample_every: 30{extra}}}
 """)
 
 
@@ -347,7 +347,7 @@ def test_linear_learning_rate_decay(tmp_path: Path) -> None:
 
 
 def test_k_discriminator_steps_per_generator_step(tmp_path: Path) -> None:
-    result = run_cli("train", str(_gaussians_config(tmp_path, ", d_steps: 3, steps: 10")), "--json")
+    result = run_cli("train", str(_gaussians_config(tmp_path, ", d_steps: 3", steps=10)), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     out = last_json(result.stdout)
     assert (out["d_updates"], out["g_updates"]) == (30, 10)
