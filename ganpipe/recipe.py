@@ -25,7 +25,8 @@ def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
         raise UserError("model.pack: packing is for unconditional models")
     d_norm = m.d_norm
     if d_norm == "auto":
-        d_norm = "none" if m.spectral_norm or cfg.train.loss == "wgan_gp" or cfg.train.r1_gamma else "batch"
+        t = cfg.train  # batch norm mixes samples: per-sample input gradients (penalties) need none
+        d_norm = "none" if m.spectral_norm or t.loss == "wgan_gp" or t.r1_gamma or t.r2_gamma else "batch"
     if m.family == "dcgan":
         resolution = data.sample_shape[1]
         if resolution < 8 or resolution & (resolution - 1):
