@@ -3,6 +3,7 @@ samples within 3 std of a mode, in each of 3 seeds (exit 1 otherwise).
 
     python -m benchmarks.quality_gaussians                    # configs/gaussians-mlp.yaml, seeds 0 1 2
     python -m benchmarks.quality_gaussians --baseline         # also the plain minimax setup, to compare
+    python -m benchmarks.quality_gaussians --relativistic     # the bar for RpGAN + R1 + R2 (R3GAN's objective)
 
 Each seed trains through `ganpipe train` (a few minutes on a CPU) and is judged on 2,500 samples
 of its EMA generator.
@@ -24,6 +25,9 @@ from ganpipe.networks import generate
 
 BASELINE = ["train.loss=minimax", "train.r1_gamma=0", "train.g_lr=0.0002", "train.d_lr=0.0002",
             "train.betas=[0.5, 0.999]"]
+# The relativistic pairing loss with R1 on real and R2 on generated samples, as R3GAN trains,
+# on the same MLP, optimiser and schedule as the default.
+RELATIVISTIC = ["train.loss=relativistic", "train.r1_gamma=0.1", "train.r2_gamma=0.1"]
 
 
 def judge(run_dir: str, num_samples: int = 2500) -> dict:
@@ -53,10 +57,14 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--baseline", action="store_true", help="also train the plain minimax setup")
+    parser.add_argument("--relativistic", action="store_true",
+                        help="hold the bar with train.loss: relativistic + R1 + R2 instead of the config's loss")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as home:
-        passed = run(args.config, args.seeds, args.overrides, "default", Path(home))
+        overrides, label = ([*RELATIVISTIC, *args.overrides], "rpgan") if args.relativistic else \
+            (args.overrides, "default")
+        passed = run(args.config, args.seeds, overrides, label, Path(home))
         if args.baseline:
             run(args.config, args.seeds, [*args.overrides, *BASELINE], "minimax", Path(home))
     print("quality bar:", "PASS" if passed else "FAIL")

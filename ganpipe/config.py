@@ -129,17 +129,20 @@ class ModelConfig(_Section):
     r3gan_blocks: int = Field(2, ge=1, description="r3gan: residual blocks per resolution, in G and in D")
 
 
-LossName = Literal["minimax", "non_saturating", "hinge", "least_squares", "wgan_gp"]
+LossName = Literal["minimax", "non_saturating", "hinge", "least_squares", "wgan_gp", "relativistic"]
 
 
 class TrainConfig(_Section):
     steps: int = Field(2000, ge=1, description="training iterations (each: k D updates + 1 G update)")
     batch_size: int = Field(64, ge=1, description="global batch per update, split across processes")
-    loss: LossName = "non_saturating"
+    loss: LossName = Field(
+        "non_saturating", description="GAN objective (ganpipe/losses.py). hinge suits model.family resnet; "
+        "relativistic (RpGAN) with r1_gamma and r2_gamma is the R3GAN recipe for model.family r3gan")
     g_lr: float = Field(2e-4, gt=0)
     d_lr: float = Field(2e-4, gt=0)
     betas: tuple[Beta, Beta] = Field((0.5, 0.999), description="Adam's two betas, each in [0, 1)")
-    lr_decay: Literal["none", "linear"] = Field("none", description="linear: decay both rates to 0 by the last step")
+    lr_decay: Literal["none", "linear", "cosine"] = Field(
+        "none", description="decay both rates to 0 by the last step, linearly or along a half cosine")
     lr_decay_start: float = Field(0.5, ge=0, lt=1, description="fraction of train.steps where the decay starts")
     d_steps: int = Field(1, ge=1, description="k: discriminator updates per generator update")
     schedule: Literal["fixed", "adaptive"] = "fixed"
@@ -156,6 +159,17 @@ class TrainConfig(_Section):
     ada_interval: int = Field(4, ge=1, description="ada: adjust p every this many discriminator updates")
     ada_kimg: float = Field(100.0, gt=0, description="ada: thousands of real images over which p can move by 1; "
                             "smaller reacts faster (a few hundred images or short runs: 1-10)")
+    r2_gamma: float = Field(0.0, ge=0, description="R2 penalty weight: R1's penalty on generated samples (0: off)")
+    reg_every: int = Field(1, ge=1, description="lazy regularisation: R1/R2 on every N-th D update, scaled by N")
+    gamma_decay: Literal["none", "linear", "cosine"] = Field(
+        "none", description="anneal r1_gamma and r2_gamma to gamma_final_ratio times their value over anneal_steps")
+    gamma_final_ratio: float = Field(0.1, ge=0, description="gamma_decay: the final fraction of each gamma")
+    beta2_final: float | None = Field(None, ge=0, lt=1, description="ramp Adam's beta2 from betas[1] to this "
+                                      "over anneal_steps (half cosine; R3GAN: 0.9 -> 0.99); null: constant")
+    ada_target_final: float | None = Field(None, gt=0, lt=1, description="ADA: anneal the target to this "
+                                           "over anneal_steps (half cosine); null: constant")
+    anneal_steps: int | None = Field(None, ge=1, description="steps over which gamma_decay, beta2_final and "
+                                     "ada_target_final move (then hold); null: train.steps")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_accum: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -183,6 +197,13 @@ class TrainConfig(_Section):
     def _yaml_no(cls, value: Any) -> Any:
         """YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means "no"."""
         return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _schedules_fit_the_run(self) -> TrainConfig:
+        if self.anneal_steps is not None and self.anneal_steps > self.steps:
+            raise ValueError(f"train.anneal_steps {self.anneal_steps} does not fit train.steps {self.steps}: "
+                             "the schedules would never reach their final values")
+        return self
 
     @model_validator(mode="after")
     def _best_needs_scores(self) -> TrainConfig:

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ganpipe import storage
+from ganpipe import schedules, storage
 from ganpipe.config import Config, config_from_yaml_text
 from ganpipe.errors import UserError, shorten
 
@@ -34,7 +34,8 @@ BOOKKEEPING = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sa
 
 def run_identity(cfg: Config) -> str:
     raw = cfg.to_dict()
-    bookkeeping = BOOKKEEPING - ({"steps"} if cfg.train.lr_decay != "none" else set())  # decay follows steps
+    # A schedule that follows train.steps makes the steps part of the trajectory.
+    bookkeeping = BOOKKEEPING - ({"steps"} if schedules.follows_steps(cfg.train) else set())
     identity = {"seed": raw["seed"], "data": raw["data"], "model": raw["model"],
                 "train": {k: v for k, v in raw["train"].items() if k not in bookkeeping}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]

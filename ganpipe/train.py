@@ -126,8 +126,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 elapsed = time.time() - window_start
                 images = (step - window_step) * t.batch_size * (t.d_steps if t.schedule == "fixed" else 1)
                 metrics["images_per_sec"] = images / elapsed if elapsed > 0 else 0.0
-                metrics["g_lr"] = trainer.nets.opt_g.param_groups[0]["lr"]
-                metrics["d_lr"] = trainer.nets.opt_d.param_groups[0]["lr"]
+                metrics.update(trainer.scheduled)  # learning rates, beta2, R1/R2 weights
                 window_start, window_step = time.time(), step
                 logger.metrics(metrics, step)
             progress.move_to(step, metrics)

@@ -1,6 +1,7 @@
 """One training process's state and its updates: the networks, optimisers, data sampler and noise
-streams of one rank, the discriminator and generator updates, the EMA, the learning-rate schedule,
-resume from and save to checkpoints. The loop that drives it is `ganpipe.train`.
+streams of one rank, the discriminator and generator updates (with R1/R2 and lazy
+regularisation), the EMA, the scheduled hyperparameters (ganpipe.schedules), resume from and save
+to checkpoints. The loop that drives it is `ganpipe.train`.
 
 All randomness comes from explicit generators whose states are checkpointed, so a resumed run
 continues exactly where an uninterrupted one would be.
@@ -18,12 +19,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ganpipe import checkpoint, runs
+from ganpipe import checkpoint, runs, schedules
 from ganpipe.config import Config, batch_split_problem
 from ganpipe.d_augment import DiscriminatorAugment
 from ganpipe.data import open_prepared
 from ganpipe.errors import Diverged, UserError
-from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty
+from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty, r2_penalty
 from ganpipe.networks import build_discriminator, build_generator, to_network_space
 from ganpipe.recipe import BatchSampler, network_spec
 
@@ -54,7 +55,7 @@ class Trainer:
         problem = batch_split_problem(t.batch_size, acc.num_processes, t.grad_accum, cfg.model.pack)
         if problem:  # the config was checked against train.num_processes; this is what accelerate started
             raise UserError(problem)
-        self.d_loss_fn, self.g_loss_fn = LOSSES[t.loss]
+        self.objective = LOSSES[t.loss]
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         g_raw, d_raw = build_generator(self.spec), build_discriminator(self.spec)
@@ -77,7 +78,14 @@ class Trainer:
 
         compiled_g = torch.compile(g_raw) if t.compile else g_raw
         # Double backward (gradient penalties) is not supported through compiled graphs.
-        compiled_d = torch.compile(d_raw) if t.compile and t.loss != "wgan_gp" and not t.r1_gamma else d_raw
+        penalised = t.loss == "wgan_gp" or t.r1_gamma or t.r2_gamma
+        compiled_d = torch.compile(d_raw) if t.compile and not penalised else d_raw
+        # The penalties' fp32 forward (ganpipe.losses.squared_gradient_norm): D's own forward,
+        # taken before prepare(), which under mixed precision replaces it with one that enters
+        # autocast itself (so an outer autocast(enabled=False) would not reach it).
+        self.d_fp32 = d_raw.forward
+        self.last_penalties: dict[str, torch.Tensor] = {}
+        self.scheduled: dict[str, float] = {}
         G, D, opt_g, opt_d = acc.prepare(compiled_g, compiled_d, opt_g, opt_d)
         self.nets = Nets(G, D, g_raw, d_raw, ema, opt_g, opt_d)
         if self.resumed_from is not None and acc.scaler is not None and "scaler" in self._resume_state:
@@ -132,6 +140,10 @@ class Trainer:
     def latents(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.spec.latent_dim, generator=self.noise).to(self.device, non_blocking=True)
 
+    def penalty_critic(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """D's fp32 forward on augmented `x`: what R1 and R2 differentiate."""
+        return self.d_fp32(self.d_input(x), labels)
+
     def d_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the discriminator sees: `x` through train.augment (the identity with none)."""
         if not self.augment.active:
@@ -152,27 +164,24 @@ class Trainer:
         z_all = self.latents(real_all.shape[0])
         nets.D.requires_grad_(True)
         stats: dict[str, torch.Tensor] = {}
+        weights = self.penalty_weights()
         micro = self._micro_batches(real_all, labels_all, z_all)
         for i, (real, labels, z) in enumerate(micro):
             with torch.no_grad():
-                fake = self.d_input(nets.G(z, labels))
+                generated = nets.G(z, labels)
+            fake = self.d_input(generated)
             sync = acc.no_sync(nets.D) if i < len(micro) - 1 else nullcontext()
             with sync:
-                if t.r1_gamma:
-                    real = real.detach().requires_grad_(True)
-                seen = self.d_input(real)  # R1 differentiates through it, w.r.t. `real` (StyleGAN2-ADA)
+                seen = self.d_input(real)
                 real_logits = nets.D(seen, labels).float()
                 fake_logits = nets.D(fake, labels).float()
                 self.augment.observe(real_logits)
-                loss = self.d_loss_fn(real_logits, fake_logits)
-                if t.loss == "wgan_gp":
-                    gp = gradient_penalty(nets.D, seen, fake, labels, self.noise)
+                loss = self.objective.d(real_logits, fake_logits)
+                if t.loss == "wgan_gp":  # interpolates between what D saw
+                    gp = gradient_penalty(self.d_fp32, seen, fake, labels, self.noise)
                     loss = loss + t.gp_weight * gp
                     add_stat(stats, "gradient_penalty", gp, len(micro))
-                if t.r1_gamma:
-                    r1 = r1_penalty(real_logits, real)
-                    loss = loss + 0.5 * t.r1_gamma * r1
-                    add_stat(stats, "r1_penalty", r1, len(micro))
+                loss = loss + self.penalties(real, generated, labels, weights, stats, len(micro))
                 acc.backward(loss / len(micro))
             add_stat(stats, "d_loss", loss, len(micro))
             add_stat(stats, "d_real", torch.sigmoid(real_logits).mean(), len(micro))
@@ -182,9 +191,41 @@ class Trainer:
         nets.opt_d.zero_grad(set_to_none=True)
         self.average_buffers(nets.d_raw)
         self.d_updates += 1
-        self.augment.after_d_update(self.d_updates, t.ada_target, acc.reduce)
+        self.augment.after_d_update(self.d_updates, schedules.ada_target(t, self.step), acc.reduce)
         stats.update(self.augment.stats(self.device))
-        return stats
+        # Lazy regularisation skips updates: report the latest penalties on every step, so each
+        # logged step has them.
+        self.last_penalties.update({k: stats[k] for k in weights if k in stats})
+        return {**self.last_penalties, **stats}
+
+    # --- R1 / R2 -----------------------------------------------------------------------------
+    def penalty_weights(self) -> dict[str, float]:
+        """This D update's weight of each configured penalty: gamma/2 at this step, times
+        train.reg_every on the updates lazy regularisation runs it on, 0 on the others."""
+        t = self.cfg.train
+        gammas = {"r1_penalty": t.r1_gamma, "r2_penalty": t.r2_gamma}
+        return {name: schedules.penalty_weight(t, base, self.step, self.d_updates)
+                for name, base in gammas.items() if base}
+
+    def penalties(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None,
+                  weights: dict[str, float], stats: dict[str, torch.Tensor], parts: int) -> torch.Tensor | float:
+        """R1 on the real and R2 on the generated micro-batch, weighted, for D's loss (fp32,
+        through D's own forward: see `d_fp32`). Both are taken w.r.t. the un-augmented images,
+        through train.augment, as StyleGAN2-ADA takes R1 (the augmentation draws its own
+        parameters for this forward).
+
+        Added to the loss rather than back-propagated on their own as StyleGAN2 does: the
+        gradients would sum in .grad before the one optimiser step anyway, so the update is the
+        same, with one backward pass and one gradient all-reduce instead of two. (StyleGAN2 also
+        steps the optimiser for its regularisation phase alone, and so has to rescale Adam's
+        rate and betas; with one step per update there is nothing to correct.)"""
+        total: torch.Tensor | float = 0.0
+        for name, penalty, inputs in (("r1_penalty", r1_penalty, real), ("r2_penalty", r2_penalty, fake)):
+            if weights.get(name):
+                value = penalty(self.penalty_critic, inputs, labels)
+                total = total + weights[name] * value
+                add_stat(stats, name, value, parts)
+        return total
 
     def generator_update(self) -> dict[str, torch.Tensor]:
         nets, acc = self.nets, self.accelerator
@@ -194,14 +235,25 @@ class Trainer:
         labels_all = None
         if self.spec.conditional:  # classes drawn uniformly, so every class gets trained
             labels_all = torch.randint(self.spec.num_classes, (n,), generator=self.noise).to(self.device)
+        # A loss that judges fakes against real data (relativistic) draws its own real batch from
+        # the sampler: every step then reads d_steps + 1 batches, so the data order differs from
+        # the other losses' (theirs is unchanged), and the sampler's checkpointed position keeps
+        # resume exact. Reusing D's last batch instead would tie this update to D's micro-batches
+        # and break under the adaptive schedule, where G updates can follow no D update.
+        real_all, real_labels_all = self.real_batch() if self.objective.g_needs_real else (None, None)
         nets.D.requires_grad_(False)  # frozen: no gradients for D, and no gradient sync for it
         stats: dict[str, torch.Tensor] = {}
-        micro = self._micro_batches(z_all, labels_all)
-        for i, (z, labels) in enumerate(micro):
+        micro = self._micro_batches(z_all, labels_all, real_all, real_labels_all)
+        for i, (z, labels, real, real_labels) in enumerate(micro):
             sync = acc.no_sync(nets.G) if i < accum - 1 else nullcontext()
             with sync, acc.no_sync(nets.D):
                 fake = nets.G(z, labels)
-                loss = self.g_loss_fn(nets.D(self.d_input(fake), labels).float())
+                fake_logits = nets.D(self.d_input(fake), labels).float()
+                real_logits = None
+                if real is not None:
+                    with torch.no_grad():  # no graph: the real logits are a constant bar for G
+                        real_logits = nets.D(self.d_input(real), real_labels).float()
+                loss = self.objective.g(fake_logits, real_logits)
                 acc.backward(loss / accum)
             add_stat(stats, "g_loss", loss, accum)
         stats["g_grad_norm"] = grad_norm(nets.g_raw)
@@ -233,23 +285,26 @@ class Trainer:
         decay = min(self.cfg.train.ema_decay, (1 + self.g_updates) / (10 + self.g_updates))
         update_ema(self.nets.ema, self.nets.g_raw, decay)
 
-    def set_learning_rates(self) -> None:
-        """Linear decay to 0 from train.lr_decay_start * steps: a function of the step alone,
-        so a resumed run follows the same schedule."""
+    def set_hyperparameters(self) -> None:
+        """Learning rates and Adam's beta2 for this step, from ganpipe.schedules: functions of the
+        step alone, so a resumed run follows the same curves (the optimisers' saved values are
+        overwritten here). `scheduled` keeps this step's values for logging."""
         t = self.cfg.train
-        factor = 1.0
-        if t.lr_decay == "linear":
-            start = t.lr_decay_start * t.steps
-            factor = 1.0 - max(0.0, self.step - start) / max(t.steps - start, 1.0)
-        for optimizer, base in ((self.nets.opt_g, t.g_lr), (self.nets.opt_d, t.d_lr)):
+        g_lr, d_lr = schedules.learning_rates(t, self.step)
+        beta2 = schedules.beta2(t, self.step)
+        for optimizer, lr in ((self.nets.opt_g, g_lr), (self.nets.opt_d, d_lr)):
             for group in optimizer.param_groups:
-                group["lr"] = base * factor
+                group["lr"], group["betas"] = lr, (t.betas[0], beta2)
+        self.scheduled = {"g_lr": g_lr, "d_lr": d_lr, "beta2": beta2}
+        for key, base in (("r1_gamma", t.r1_gamma), ("r2_gamma", t.r2_gamma)):
+            if base:
+                self.scheduled[key] = schedules.gamma(t, base, self.step)
 
     def iteration(self) -> dict[str, torch.Tensor]:
         """One training step: k D updates then one G update, or one update of the side the
         adaptive schedule is on."""
         t = self.cfg.train
-        self.set_learning_rates()
+        self.set_hyperparameters()
         stats: dict[str, torch.Tensor] = {}
         if t.schedule == "fixed":
             for _ in range(t.d_steps):
