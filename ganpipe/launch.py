@@ -2,7 +2,8 @@
 ganpipe.train RUN_DIR`) through ganpipe.workers and wait for them.
 
 Everything that can be checked before a process starts is checked here (the data, the networks'
-spec, the run directory), so bad input fails in seconds with one `error:` line.
+spec, that the networks and the batch fit in memory, the run directory), so bad input fails in
+seconds with one `error:` line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ganpipe import runs, storage
 from ganpipe.config import Config
 from ganpipe.data import IngestResult, ingest, open_prepared
 from ganpipe.errors import Failure, UserError
+from ganpipe.footprint import check_training_fits
 from ganpipe.recipe import network_spec
 from ganpipe.workers import LineHandler, run_workers
 
@@ -32,10 +34,11 @@ class PreparedRun:
 
 
 def prepare_run(cfg: Config, resume: str = "auto") -> PreparedRun:
-    """Ingest (a cache hit when unchanged), choose the run directory, save the effective config,
-    and check that the networks can be built for this data before any process starts."""
+    """Ingest (a cache hit when unchanged), check that the networks can be built for this data
+    and fit in memory with the batch, then choose the run directory and save the effective config:
+    a refused config leaves no run directory behind."""
     data = ingest(cfg.data, cfg.storage.endpoint_url)
-    network_spec(cfg, open_prepared(data.location, cfg.storage.endpoint_url))
+    check_training_fits(cfg, network_spec(cfg, open_prepared(data.location, cfg.storage.endpoint_url)))
     run_dir = runs.run_dir_for(cfg, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     storage.write_bytes_atomic(str(run_dir / "config.yaml"), cfg.to_yaml().encode())
