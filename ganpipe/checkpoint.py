@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import shutil
 import time
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ganpipe import storage
+from ganpipe.errors import UserError
 
 NETWORKS = ("G", "D", "G_ema")
 NAME = re.compile(r"^step-(\d{8})$")
@@ -110,11 +113,36 @@ def prune(run_dir: Path, keep: int) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """The networks' weights and the training state. Nothing is unpickled beyond plain values."""
-    networks = {name: load_file(str(path / f"{name}.safetensors")) for name in NETWORKS
+    """The networks' weights and the training state. Nothing is unpickled beyond plain values: a
+    state.pt holding anything else, or a file that is not what its name says, is a UserError
+    naming the file."""
+    networks = {name: read_weights(path / f"{name}.safetensors") for name in NETWORKS
                 if (path / f"{name}.safetensors").exists()}
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state_file = path / "state.pt"
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{state_file}: not a weights-only checkpoint ({refusal(exc)}); refusing to unpickle it"
+                        ) from None
+    except (RuntimeError, EOFError, ValueError, FileNotFoundError) as exc:  # not a torch.save archive, or cut short
+        raise UserError(f"{state_file}: not a readable checkpoint ({str(exc).splitlines()[0][:200]})") from None
     return networks, state
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; anything else (a pickle, a truncated file) is a UserError."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise UserError(f"{path}: not a safetensors file ({exc}); refusing to load it") from None
+
+
+def refusal(exc: pickle.UnpicklingError) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line: the global (a class or
+    function) the pickle wanted, when torch names it, not torch's page of advice."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    reason = f"it holds GLOBAL {found.group(1)}" if found else " ".join(str(exc).split())[:200]
+    return f"torch.load(weights_only=True) refused it: {reason}"
 
 
 def read_meta(path: Path) -> dict[str, Any]:

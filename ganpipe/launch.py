@@ -2,7 +2,8 @@
 ganpipe.train RUN_DIR`) through ganpipe.workers and wait for them.
 
 Everything that can be checked before a process starts is checked here (the data, the networks'
-spec, the run directory), so bad input fails in seconds with one `error:` line.
+spec, that the networks and the batch fit in memory, the run directory), so bad input fails in
+seconds with one `error:` line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ganpipe import locks, runs, storage
 from ganpipe.config import Config
 from ganpipe.data import IngestResult, ingest, open_prepared
 from ganpipe.errors import Failure, UserError
+from ganpipe.footprint import check_training_fits
 from ganpipe.recipe import network_spec
 from ganpipe.workers import LineHandler, run_workers
 
@@ -36,12 +38,13 @@ class PreparedRun:
 
 @contextmanager
 def prepared_run(cfg: Config, resume: str = "auto", wait: bool = False) -> Iterator[PreparedRun]:
-    """Ingest (a cache hit when unchanged), check that the networks can be built for this data,
-    choose the run directory and lock it (one writer per run: a second `ganpipe train` of the
-    same config gets exit 2 naming the holder, or waits its turn with `wait`), then save the
-    effective config. The lock is held for the block."""
+    """Ingest (a cache hit when unchanged), check that the networks can be built for this data
+    and fit in memory with the batch (a refused config leaves no run directory behind), choose
+    the run directory and lock it (one writer per run: a second `ganpipe train` of the same
+    config gets exit 2 naming the holder, or waits its turn with `wait`), then save the effective
+    config. The lock is held for the block."""
     data = ingest(cfg.data, cfg.storage.endpoint_url)
-    network_spec(cfg, open_prepared(data.location, cfg.storage.endpoint_url))
+    check_training_fits(cfg, network_spec(cfg, open_prepared(data.location, cfg.storage.endpoint_url)))
     run_dir = runs.run_dir_for(cfg, resume)
     with locks.hold_folder(run_dir, "ganpipe train", wait=wait) as lock:
         storage.write_bytes_atomic(str(run_dir / "config.yaml"), cfg.to_yaml().encode())

@@ -9,8 +9,10 @@ and its reason is recorded as a version tag (`ganpipe.alias_decision`), in the r
 `registry/vN/promotion.json`, and returned.
 
 Safety: registration reads the generator through ganpipe.generators (spec.json and
-safetensors only) and tags the version with the sha256 of its weights (SHA_TAG), which loading
-checks.
+safetensors only) and tags the version with the sha256 of its weights (SHA_TAG) and of its
+spec.json (SPEC_SHA_TAG), which loading checks. A version registered before SPEC_SHA_TAG keeps
+only SHA_TAG: registering the same generator again does not vouch for a spec it was not
+registered with.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from ganpipe import networks, runs, tracking
 from ganpipe.config import check_name
 from ganpipe.errors import UserError, show
-from ganpipe.generators import SHA_TAG, read_generator
+from ganpipe.generators import SHA_TAG, SPEC_SHA_TAG, read_generator
 from ganpipe.metrics import METRICS
 from ganpipe.networks import NetworkSpec, generate
 from ganpipe.previews import save_grid
@@ -144,25 +146,29 @@ def _pip_requirements() -> list[str]:
             f"safetensors=={safetensors.__version__}", "numpy", "pandas"]
 
 
-def _existing_version(client: Any, name: str, weights_sha: str) -> Any | None:
-    """Registering the same generator again (a retried task) returns its version, not a new one."""
+def _existing_version(client: Any, name: str, weights_sha: str, spec_sha: str) -> Any | None:
+    """Registering the same generator again (a retried task) returns its version, not a new one.
+    The same weights with another spec (other classes or vector statistics) are another generator;
+    a version registered before specs were tagged is matched by its weights."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
     for version in versions:
-        if (version.tags or {}).get(SHA_TAG) == weights_sha:
+        tags = version.tags or {}
+        if tags.get(SHA_TAG) == weights_sha and tags.get(SPEC_SHA_TAG, spec_sha) == spec_sha:
             return version
     return None
 
 
 def _lineage_tags(run_dir: Path, info: dict[str, Any], cfg: Any, generator_dir: Path, weights_sha: str,
-                  evaluation: dict[str, Any]) -> dict[str, str]:
+                  spec_sha: str | None, evaluation: dict[str, Any]) -> dict[str, str]:
     """Where the version came from, and how good it was measured to be."""
     # generator/info.json describes these exact weights; run.json the run's latest invocation.
     produced = runs.read_json(generator_dir / "info.json")
     tags = {
         SHA_TAG: weights_sha, "ganpipe.run_dir": str(run_dir),
+        **({SPEC_SHA_TAG: spec_sha} if spec_sha else {}),
         "ganpipe.data_fingerprint": produced.get("data_fingerprint")
         or info.get("data", {}).get("fingerprint", "unknown"),
         "ganpipe.config_hash": produced.get("config_hash") or info.get("config_hash") or cfg.hash(),
@@ -211,15 +217,17 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
         raise UserError(f"{run_dir / 'config.yaml'}: register.primary_metric {primary!r} is not a metric "
                         f"({', '.join(sorted(directions))})")
     info = runs.read_info(run_dir)
-    model, spec, weights_sha = read_generator(generator_dir)
+    model, spec, weights_sha, spec_sha = read_generator(generator_dir)
     evaluation = _evaluation_for(run_dir, weights_sha)
 
     tracking.configure_mlflow()
     client = MlflowClient()
-    version = _existing_version(client, name, weights_sha)
+    version = _existing_version(client, name, weights_sha, spec_sha)
     if version is None:
-        version = _log_and_register(run_dir, name, spec, info, cfg, generator_dir, weights_sha)
-    tags = _lineage_tags(run_dir, info, cfg, generator_dir, weights_sha, evaluation)
+        version = _log_and_register(run_dir, name, spec, info, cfg, generator_dir, weights_sha, spec_sha)
+    elif SPEC_SHA_TAG not in (version.tags or {}):
+        spec_sha = None  # registered before specs were tagged: its stored spec was never checked against ours
+    tags = _lineage_tags(run_dir, info, cfg, generator_dir, weights_sha, spec_sha, evaluation)
     decision = _decide(client, name, version, evaluation, tags, primary, cfg.registry.margin, directions[primary])
     tags["ganpipe.alias_decision"] = decision.reason
     for key, value in tags.items():
@@ -243,9 +251,9 @@ def _current(client: Any, name: str, alias: str) -> Any | None:
 
 
 def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[str, Any], cfg: Any,
-                      generator_dir: Path, weights_sha: str) -> Any:
+                      generator_dir: Path, weights_sha: str, spec_sha: str) -> Any:
     """Log the pyfunc into the run's MLflow run (a new run when this store does not know it) and
-    register it, tagged with its weights' sha256 from the start so a retry finds it."""
+    register it, tagged with its files' sha256s from the start so a retry finds it."""
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "ganpipe_generator"
         package.mkdir()
@@ -265,7 +273,7 @@ def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[st
                            "spec": str(generator_dir / "spec.json")},
                 code_paths=[str(package)], signature=_signature(spec), input_example=_input_example(spec),
                 pip_requirements=_pip_requirements())
-    return mlflow.register_model(logged.model_uri, name, tags={SHA_TAG: weights_sha})
+    return mlflow.register_model(logged.model_uri, name, tags={SHA_TAG: weights_sha, SPEC_SHA_TAG: spec_sha})
 
 
 def _log_version_artifacts(client: Any, version: Any, model: torch.nn.Module, spec: NetworkSpec, card: str,
@@ -303,7 +311,7 @@ A {spec.family.upper()} generator of {kind}, {conditional}, trained by ganpipe.
 - data fingerprint: `{tags['ganpipe.data_fingerprint']}`
 - config hash: `{tags['ganpipe.config_hash']}` (generator: the {tags['ganpipe.generator_checkpoint']} EMA, step {tags['ganpipe.train_steps']})
 - git commit: `{tags['ganpipe.git_commit']}`, Prefect flow run: `{tags['ganpipe.flow_run_id']}`
-- weights sha256: `{tags[SHA_TAG]}`
+- weights sha256: `{tags[SHA_TAG]}`, spec sha256: `{tags.get(SPEC_SHA_TAG, 'not recorded')}`
 - aliases: {', '.join(aliases) or 'none'} ({decision.reason})
 
 ## Evaluation

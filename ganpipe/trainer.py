@@ -102,17 +102,21 @@ class Trainer:
         latest = checkpoint.latest_checkpoint(self.run_dir)
         if latest is None:
             return None
-        networks, state = checkpoint.load_checkpoint(latest)
-        g_raw.load_state_dict(networks["G"])
-        d_raw.load_state_dict(networks["D"])
-        ema.load_state_dict(networks["G_ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        self.step, self.g_updates = int(state["step"]), int(state["g_updates"])
-        self.d_updates = int(state["d_updates"])
-        self.phase, self.phase_updates = str(state["phase"]), int(state["phase_updates"])
-        self.sampler.load_state_dict(state["sampler"])
-        noise_states = state["noise"]
+        networks, state = checkpoint.load_checkpoint(latest)  # UserError naming a file that is not one
+        try:  # a checkpoint of other networks, or with parts missing: the input is at fault, not training
+            g_raw.load_state_dict(networks["G"])
+            d_raw.load_state_dict(networks["D"])
+            ema.load_state_dict(networks["G_ema"])
+            opt_g.load_state_dict(state["opt_g"])
+            opt_d.load_state_dict(state["opt_d"])
+            self.step, self.g_updates = int(state["step"]), int(state["g_updates"])
+            self.d_updates = int(state["d_updates"])
+            self.phase, self.phase_updates = str(state["phase"]), int(state["phase_updates"])
+            self.sampler.load_state_dict(state["sampler"])
+            noise_states = state["noise"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise UserError(f"{latest}: not a checkpoint of this run's networks "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
         if len(noise_states) == self.accelerator.num_processes:
             self.noise.set_state(noise_states[self.accelerator.process_index])
         else:  # a different number of processes: continue, with fresh per-rank noise streams

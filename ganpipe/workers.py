@@ -7,14 +7,16 @@ Launcher side, `run_workers`:
 - cancelling (Ctrl-C, SIGTERM, a Prefect cancellation or timeout) kills the whole group and every
   descendant, every rank included;
 - a failed group becomes one exception carrying the worker's own cause: UserError (exit 2) when
-  a worker says its input is at fault, WorkerFailed (exit 1) otherwise.
+  a worker says its input is at fault, WorkerFailed (exit 1) otherwise. The worker's line says
+  which, not the exit code: `accelerate launch` turns every failed rank into its own exit 1.
 
 Worker side, `worker_main`:
 - a watchdog thread kills the worker's process group as soon as the launcher is gone, even when
   it was SIGKILLed and could not clean up: no worker outlives the command that started it;
-- a fatal error is reported as one line `worker error: MESSAGE` and exit code 2 (input at fault)
-  or 1. The traceback is written as `worker traceback: ` lines: the log keeps them, the terminal
-  shows them only with GANPIPE_DEBUG=1, so the user reads one `error:` line.
+- a fatal error is reported as one line `worker input error: MESSAGE` and exit code 2 (input at
+  fault) or `worker error: MESSAGE` and exit code 1. The traceback is written as
+  `worker traceback: ` lines: the log keeps them, the terminal shows them only with
+  GANPIPE_DEBUG=1, so the user reads one `error:` line.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ LineHandler = Callable[[str], None]
 LAUNCHER_PID_ENV = "GANPIPE_LAUNCHER_PID"  # every worker's watchdog exits when this pid is gone
 FLOW_RUN_ENV = "GANPIPE_FLOW_RUN_ID"  # lets a flow run's workers be found (and killed) by flow run
 WORKER_ERROR = "worker error: "
+WORKER_INPUT_ERROR = "worker input error: "  # a fatal error whose cause is the worker's input (exit 2)
 WORKER_TRACEBACK = "worker traceback: "
 
 
@@ -95,8 +98,8 @@ def run_workers(module: str, args: list[str], *, what: str, num_processes: int =
     if code == 0:
         return
     cause = output.last_error
-    if code == 2:
-        raise UserError(cause or f"{what} rejected its input{output.see_log}")
+    if output.input_error is not None or code == 2:  # another rank's later error is collateral damage
+        raise UserError(output.input_error or cause or f"{what} rejected its input{output.see_log}")
     if cause:
         raise WorkerFailed(cause)
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
@@ -112,6 +115,7 @@ class WorkerOutput:
         self.on_line, self.log_file = on_line, log_file
         self.debug = os.environ.get("GANPIPE_DEBUG") == "1"
         self.last_error: str | None = None
+        self.input_error: str | None = None  # the first error a worker blamed on its input
         self.log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed by close()
 
     @property
@@ -126,7 +130,10 @@ class WorkerOutput:
         failed_before = self.last_error is not None
         if text.startswith(WORKER_ERROR):
             self.last_error = text.removeprefix(WORKER_ERROR)
-        protocol = text.startswith((WORKER_ERROR, WORKER_TRACEBACK))
+        elif text.startswith(WORKER_INPUT_ERROR):
+            self.last_error = text.removeprefix(WORKER_INPUT_ERROR)
+            self.input_error = self.input_error or self.last_error
+        protocol = text.startswith((WORKER_ERROR, WORKER_INPUT_ERROR, WORKER_TRACEBACK))
         if not self.debug and (protocol or failed_before):
             return
         if self.on_line:
@@ -250,7 +257,7 @@ def worker_main(body: Callable[[], Any]) -> int:
     try:
         body()
     except UserError as exc:
-        report_error(exc)
+        report_error(exc, input_at_fault=True)
         return 2
     except Failure as exc:  # its message already says what went wrong
         report_error(exc)
@@ -261,13 +268,14 @@ def worker_main(body: Callable[[], Any]) -> int:
     return 0
 
 
-def report_error(exc: BaseException, with_type: bool = False) -> None:
+def report_error(exc: BaseException, with_type: bool = False, input_at_fault: bool = False) -> None:
     """The protocol's lines for a fatal error: the traceback (kept in the log), then the cause."""
     for line in traceback.format_exception(exc):
         for part in line.rstrip("\n").splitlines():
             print(f"{WORKER_TRACEBACK}{part}", file=sys.stderr)
     message = f"{type(exc).__name__}: {exc}" if with_type else str(exc)
-    print(f"{WORKER_ERROR}{' '.join(message.split())}", file=sys.stderr, flush=True)
+    prefix = WORKER_INPUT_ERROR if input_at_fault else WORKER_ERROR
+    print(f"{prefix}{' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def stop_with_launcher() -> None:

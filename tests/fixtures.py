@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from ganpipe.config import Config
+from ganpipe.launch import prepared_run
 from ganpipe.metrics.inception import FEATURES
 
 # --- a stand-in Inception weights file, for machines without the real one (nothing downloads) ------
@@ -47,3 +49,10 @@ def write_random_weights(path: Path, seed: int = 0, calibration_images: int = 4)
     torch.save(state, tmp)
     tmp.replace(path)
     return path
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """A prepared run directory for `cfg` (ingested, checked, config saved, lock released), for
+    tests that build a Trainer in this process."""
+    with prepared_run(cfg) as run:
+        return run.run_dir

@@ -26,3 +26,44 @@ def training_processes(**env: str) -> list[psutil.Process]:
             if all(environ.get(k) == v for k, v in env.items()) and process_running(process):
                 found.append(process)
     return found
+
+
+# --- commands measured in a process of their own: exit code, stderr, seconds, peak memory ---------
+
+MEASURE = """
+import contextlib, importlib, io, json, resource, sys, time
+from ganpipe import cli
+for module in json.loads(sys.argv[1]):  # what the commands load anyway: part of the baseline
+    importlib.import_module(module)
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+results = []
+for argv in json.loads(sys.argv[2]):
+    before, start, err = peak_mib(), time.monotonic(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.run(argv)
+    results.append({"argv": argv, "code": code, "stderr": err.getvalue(), "seconds": time.monotonic() - start,
+                    "peak_growth_mib": peak_mib() - before})
+print(json.dumps(results))
+"""
+
+
+def measured_commands(commands: list[list[str]], preload: list[str], env: dict[str, str] | None = None,
+                      timeout: int = 300) -> list[dict]:
+    """Run `ganpipe ARGV` for each of `commands`, one after the other in one fresh process (after
+    importing `preload`), and return per command its exit `code`, `stderr`, `seconds` and
+    `peak_growth_mib`: how far the process's peak RSS (getrusage ru_maxrss) rose during it. An
+    allocation of X MiB shows as at least X minus the headroom between the RSS before the command
+    and the peak so far, so a command that allocates gigabytes cannot hide behind the megabytes of
+    earlier ones."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(preload), json.dumps(commands)],
+                         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -195,14 +195,14 @@ def test_penalties_are_fp32_under_bf16_autocast(name: str) -> None:
 FP32_UNDER_ACCELERATE = """
 import json, sys, torch
 from ganpipe.config import load_config
-from ganpipe.launch import prepare_run
+from tests.fixtures import new_run_dir
 from ganpipe.losses import r1_penalty, r2_penalty
 from ganpipe.networks import build_discriminator
 from ganpipe.trainer import Trainer
 
 cfg = load_config(sys.argv[1], ["train.mixed_precision=bf16", "train.cpu=true", "train.r1_gamma=1",
                                 "train.r2_gamma=1"])
-trainer = Trainer(cfg, prepare_run(cfg).run_dir)
+trainer = Trainer(cfg, new_run_dir(cfg))
 plain = build_discriminator(trainer.spec)
 plain.load_state_dict(trainer.nets.d_raw.state_dict())
 x, _ = trainer.real_batch()
@@ -233,16 +233,16 @@ def test_trainer_penalties_escape_accelerates_autocast(tmp_path: Path) -> None:
 def test_lazy_regularisation_runs_every_nth_d_update_scaled_by_n(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from ganpipe import trainer as trainer_module
-    from ganpipe.launch import prepare_run
+    from tests.fixtures import new_run_dir
 
     cfg = load_config(write_config(tmp_path / "c.yaml", TINY_DIGITS),
                       ["train.r1_gamma=2", "train.r2_gamma=0.5", "train.reg_every=3", "train.cpu=true"])
-    trainer = trainer_module.Trainer(cfg, prepare_run(cfg).run_dir)
+    trainer = trainer_module.Trainer(cfg, new_run_dir(cfg))
     calls: list[tuple[str, int]] = []
 
     def counting(name: str, value: float):
         def penalty(critic, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-            assert critic == trainer.d_fp32  # the fp32 forward, not Accelerate's
+            assert critic == trainer.penalty_critic  # D's fp32 forward, not Accelerate's
             calls.append((name, trainer.d_updates))
             return torch.tensor(value)
         return penalty

@@ -117,13 +117,13 @@ def test_steps_join_the_run_identity_when_a_schedule_follows_them(tmp_path: Path
 
 
 def test_trainer_sets_the_scheduled_rates_and_betas(tmp_path: Path) -> None:
-    from ganpipe.launch import prepare_run
+    from tests.fixtures import new_run_dir
     from ganpipe.trainer import Trainer
 
     cfg = load_config(write_config(tmp_path / "c.yaml", TINY_DIGITS),
                       ["train.cpu=true", "train.betas=[0.0, 0.9]", "train.beta2_final=0.99", "train.r2_gamma=1",
                        "train.gamma_decay=linear", "train.gamma_final_ratio=0.5", "train.lr_decay=linear"])
-    trainer = Trainer(cfg, prepare_run(cfg).run_dir)
+    trainer = Trainer(cfg, new_run_dir(cfg))
     trainer.step = 10  # of 20: halfway
     trainer.set_hyperparameters()
     for optimizer, base in ((trainer.nets.opt_g, 2e-4), (trainer.nets.opt_d, 2e-4)):
