@@ -117,8 +117,8 @@ def test_steps_join_the_run_identity_when_a_schedule_follows_them(tmp_path: Path
 
 
 def test_trainer_sets_the_scheduled_rates_and_betas(tmp_path: Path) -> None:
-    from tests.fixtures import new_run_dir
     from ganpipe.trainer import Trainer
+    from tests.fixtures import new_run_dir
 
     cfg = load_config(write_config(tmp_path / "c.yaml", TINY_DIGITS),
                       ["train.cpu=true", "train.betas=[0.0, 0.9]", "train.beta2_final=0.99", "train.r2_gamma=1",
