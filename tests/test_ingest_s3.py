@@ -29,7 +29,7 @@ def _put(endpoint: str, bucket: str, key: str, body: bytes) -> None:
     _client(endpoint).put_object(Bucket=bucket, Key=key, Body=body)
 
 
-def _parquet_bytes(images: np.ndarray, labels: list[int]) -> bytes:
+def parquet_bytes(images: np.ndarray, labels: list[int]) -> bytes:
     buffer = io.BytesIO()
     image_table(images, labels).to_parquet(buffer)
     return buffer.getvalue()
@@ -39,8 +39,8 @@ def test_s3_parquet_source_and_fingerprint_from_etags(s3: tuple[str, str]) -> No
     endpoint, bucket = s3
     images = noise_images(20)
     labels = [i % 4 for i in range(20)]
-    _put(endpoint, bucket, "tables/part-0.parquet", _parquet_bytes(images[:12], labels[:12]))
-    _put(endpoint, bucket, "tables/part-1.parquet", _parquet_bytes(images[12:], labels[12:]))
+    _put(endpoint, bucket, "tables/part-0.parquet", parquet_bytes(images[:12], labels[:12]))
+    _put(endpoint, bucket, "tables/part-1.parquet", parquet_bytes(images[12:], labels[12:]))
 
     cfg = DataConfig(source=f"s3://{bucket}/tables", resolution=8)
     result = ingest(cfg)
@@ -52,7 +52,7 @@ def test_s3_parquet_source_and_fingerprint_from_etags(s3: tuple[str, str]) -> No
     # Changed bytes under the prefix change the fingerprint (through the ETag), without a read.
     before = resolve_source(cfg).fingerprint
     images[0, 0, 0] ^= 1
-    _put(endpoint, bucket, "tables/part-0.parquet", _parquet_bytes(images[:12], labels[:12]))
+    _put(endpoint, bucket, "tables/part-0.parquet", parquet_bytes(images[:12], labels[:12]))
     assert resolve_source(cfg).fingerprint != before
     assert np.array_equal(read_back(ingest(cfg))[0], as_batch(images))
 
@@ -99,7 +99,7 @@ def test_prepared_data_cached_on_s3_and_read_back(s3: tuple[str, str], tmp_path:
     endpoint, bucket = s3
     images = noise_images(25)
     labels = [i % 5 for i in range(25)]
-    (tmp_path / "d.parquet").write_bytes(_parquet_bytes(images, labels))
+    (tmp_path / "d.parquet").write_bytes(parquet_bytes(images, labels))
     cfg = DataConfig(source=str(tmp_path / "d.parquet"), resolution=8, shard_size=10,
                      cache=f"s3://{bucket}/prepared")
 
