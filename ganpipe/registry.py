@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from ganpipe import networks, runs, tracking
+from ganpipe import network, networks, runs, tracking
 from ganpipe.errors import UserError
 from ganpipe.generators import SHA_TAG, read_generator
 from ganpipe.metrics import METRICS
@@ -150,7 +150,8 @@ def _existing_version(client: Any, name: str, weights_sha: str) -> Any | None:
     """Registering the same generator again (a retried task) returns its version, not a new one."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
+    except MlflowException as exc:
+        network.reraise_if_unreachable(exc)
         return None
     for version in versions:
         if (version.tags or {}).get(SHA_TAG) == weights_sha:
@@ -233,7 +234,8 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
 def _current(client: Any, name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as exc:
+        network.reraise_if_unreachable(exc)
         return None
 
 
