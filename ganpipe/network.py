@@ -261,6 +261,9 @@ def unreachable(exc: BaseException, url: str | None = None) -> Unreachable | Non
     the errors carry) that timed out or could not be reached, whatever wraps it, naming the
     endpoint and the budget; else None."""
     chain = list(_chain(exc))
+    named = next((e for e in chain if isinstance(e, Unreachable)), None)
+    if named is not None:
+        return named
     failed = _failed(chain)
     url = url or next((u for u in map(_url_of, chain) if u), None) if failed else None
     if url is None:  # not a network failure, or a local one (a lock's timeout, a broken pipe)

@@ -124,6 +124,31 @@ def test_the_default_budget_stays_under_a_minute_in_every_client(monkeypatch: py
     assert all(30 <= seconds < 60 for seconds in worst.values()), worst
 
 
+def test_a_pipeline_task_does_not_retry_an_endpoint_that_did_not_answer() -> None:
+    """Its requests spent their retries within storage.timeout_s; a task retry would multiply that."""
+    from botocore.exceptions import ClientError, ReadTimeoutError
+
+    from flows.pipeline import retry_unless_bad_input
+
+    class Failed:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def result(self) -> None:
+            raise self.exc
+
+    silent = ReadTimeoutError(endpoint_url="http://127.0.0.1:9/bucket?list-type=2")
+    try:
+        raise OSError("listing failed") from silent  # as wrapped by a caller
+    except OSError as exc:
+        wrapped = exc
+    no_bucket = ClientError({"Error": {"Code": "NoSuchBucket", "Message": "gone"}}, "ListObjectsV2")
+    retried = {name: retry_unless_bad_input(None, None, Failed(exc)) for name, exc in
+               {"silent": silent, "wrapped": wrapped, "no bucket": no_bucket, "bad input": UserError("x")}.items()}
+    assert retried == {"silent": False, "wrapped": False, "no bucket": True, "bad input": False}
+    assert str(network.unreachable(wrapped)).startswith("S3 endpoint http://127.0.0.1:9 did not answer within")
+
+
 def test_budget_settings_are_validated_and_the_users_own_library_settings_win(tmp_path: Path) -> None:
     from ganpipe.config import load_config
 
