@@ -21,19 +21,21 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from ganpipe import tracking
+from ganpipe import network, tracking
 from ganpipe.config import Config, load_config
 from ganpipe.errors import EvaluationFailed, StageError, UserError
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (storage, registry, network); never bad input."""
+    """Retry transient failures (storage, registry); never bad input, nor an endpoint that did not
+    answer: the request already spent its retries (storage.retries) within storage.timeout_s, and
+    retrying the task would multiply that time."""
     try:
         state.result()
     except UserError:
         return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
-        return True
+    except Exception as exc:  # noqa: BLE001 - anything else may be transient
+        return network.unreachable(exc) is None
     return False
 
 
@@ -41,7 +43,10 @@ RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": r
 
 
 def load_flow_config(config_path: str, overrides: list[str] | None) -> Config:
-    return load_config(config_path, list(overrides or []))
+    """The flow's config, its network budget in force (a worker runs flows without the CLI)."""
+    cfg = load_config(config_path, list(overrides or []))
+    network.use(cfg.storage.timeout_s, cfg.storage.retries)
+    return cfg
 
 
 def champion_uri(cfg: Config) -> str:
@@ -221,7 +226,8 @@ def _class_counts(data: dict[str, Any]) -> dict[str, int] | None:
 
     try:
         return open_prepared(data["location"]).meta.get("class_counts")
-    except Exception:  # noqa: BLE001 - counts only steer label proportions of the export
+    except Exception as exc:  # noqa: BLE001 - counts only steer label proportions of the export
+        network.reraise_if_unreachable(exc)
         return None
 
 

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ganpipe.config import CommandConfig, load_command_config, load_config
+from ganpipe import network
+from ganpipe.config import CommandConfig, Config, load_command_config, load_config
 from ganpipe.errors import LINE_CHARS, EvaluationFailed, Failure, StageError, UserError, shorten
 
 
@@ -45,8 +46,10 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], summary: list[str]) 
     sys.stdout.flush()
 
 
-def _load(args: argparse.Namespace, extra: list[str] | None = None):
-    return load_config(args.config, list(args.overrides) + (extra or []))
+def _load(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
+    cfg = load_config(args.config, list(args.overrides) + (extra or []))
+    network.use(cfg.storage.timeout_s, cfg.storage.retries)
+    return cfg
 
 
 # Flags that are shorthands for config keys (argparse dest -> dotted key): they default to None and
@@ -62,7 +65,9 @@ def _command_config(args: argparse.Namespace, flags: dict[str, str]) -> CommandC
     """The config sections of `ganpipe export` / `evaluate`: the optional config file, --set, then flags."""
     given = {key: (f"--{dest.replace('_', '-')}", getattr(args, dest)) for dest, key in flags.items()
              if getattr(args, dest) is not None}
-    return load_command_config(args.config, list(args.overrides), given)
+    cfg = load_command_config(args.config, list(args.overrides), given)
+    network.use(cfg.storage.timeout_s, cfg.storage.retries)
+    return cfg
 
 
 def _add_wait(parser: argparse.ArgumentParser, what: str) -> None:
@@ -234,10 +239,10 @@ def pipeline_summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
+    cfg = _load(args) if args.config else None  # its network budget is set before Prefect reads it
     set_prefect_defaults()  # without PREFECT_API_URL, deploying starts the temporary API too
     from flows.deploy import deploy
 
-    cfg = _load(args) if args.config else None
     result = deploy(args.config, list(args.overrides), cfg)
     schedule = result["schedule"]
     lines = [f"deployed {name}" for name in result["deployments"]]
@@ -371,12 +376,25 @@ def print_error(message: object) -> None:
     print(f"error: {shorten(text, LINE_CHARS)}", file=sys.stderr)
 
 
+def _run_command(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """Run the command under the network budget (the environment's, until a config sets its own);
+    an endpoint that timed out or refused, however deep below, becomes one failure naming it."""
+    network.use()
+    try:
+        func(args)
+    except Exception as exc:
+        failure = network.unreachable(exc)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     debug = os.environ.get("GANPIPE_DEBUG") == "1"
     try:
-        func(args)
+        _run_command(func, args)
     except UserError as exc:
         if debug:
             traceback.print_exc()

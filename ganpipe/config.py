@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from ganpipe import strict_yaml
+from ganpipe import network, strict_yaml
 from ganpipe.errors import UserError, shorten, show
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a bigger file is not one (and YAML parsing is slow)
@@ -257,6 +257,13 @@ class ExportConfig(_Section):
 
 class StorageConfig(_Section):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
+    # None defers to the environment, so commands without a config (register, generate) and child
+    # processes follow the same budget (ganpipe.network).
+    timeout_s: float | None = Field(None, gt=0, le=network.MAX_TIMEOUT_S, description="longest one network request "
+                                    "(S3, MLflow, Prefect, hub) may go unanswered, retries included; default "
+                                    f"${network.TIMEOUT_VARIABLE}, else {network.DEFAULT_TIMEOUT_S:g}")
+    retries: int | None = Field(None, ge=0, le=network.MAX_RETRIES, description="retries of a failed network "
+                                f"request; default ${network.RETRIES_VARIABLE}, else {network.DEFAULT_RETRIES}")
 
 
 class DeployConfig(_Section):

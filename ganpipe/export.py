@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ganpipe import storage
+from ganpipe import network, storage
 from ganpipe.config import ExportConfig
 from ganpipe.errors import UserError
 from ganpipe.generators import LoadedGenerator, load_generator
@@ -212,7 +212,8 @@ def training_class_counts(loaded: LoadedGenerator, endpoint_url: str | None) -> 
     try:
         return storage.read_json(storage.join(location, "meta.json"), endpoint_url).get("class_counts") \
             if location else None
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        network.reraise_if_unreachable(exc)  # a store that does not answer would fail the export later anyway
         return None
 
 

@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from ganpipe import networks, runs, tracking
+from ganpipe import network, networks, runs, tracking
 from ganpipe.config import check_name
 from ganpipe.errors import UserError, show
 from ganpipe.generators import SHA_TAG, SPEC_SHA_TAG, read_generator
@@ -152,7 +152,8 @@ def _existing_version(client: Any, name: str, weights_sha: str, spec_sha: str) -
     a version registered before specs were tagged is matched by its weights."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
+    except MlflowException as exc:
+        network.reraise_if_unreachable(exc)
         return None
     for version in versions:
         tags = version.tags or {}
@@ -246,7 +247,8 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
 def _current(client: Any, name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as exc:
+        network.reraise_if_unreachable(exc)
         return None
 
 

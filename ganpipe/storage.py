@@ -18,6 +18,7 @@ from typing import Any
 
 import fsspec
 
+from ganpipe import network
 from ganpipe.errors import UserError, shorten
 
 
@@ -56,10 +57,17 @@ def local_path(uri: str) -> Path:
 
 
 def s3_options(endpoint_url: str | None = None) -> dict[str, Any]:
-    """s3fs options from the standard AWS settings; `endpoint_url` (config) wins over the env."""
+    """s3fs options from the standard AWS settings; `endpoint_url` (config) wins over the env.
+    Every S3 client gets the network budget's timeouts and retries (ganpipe.network)."""
+    import s3fs
+
+    # botocore is the one retry layer: s3fs's own (5 attempts around each of botocore's) would
+    # multiply the time a silent endpoint holds a request. Class-wide, as s3fs takes no argument
+    # for it, and `datasets` builds its own S3FileSystem from these options.
+    s3fs.S3FileSystem.retries = 1
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     # No listings cache: other processes (ranks, export workers, reruns) write to the same prefixes.
-    options: dict[str, Any] = {"use_listings_cache": False}
+    options: dict[str, Any] = {"use_listings_cache": False, "config_kwargs": network.botocore_config()}
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     return options

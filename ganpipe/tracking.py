@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ganpipe import locks, runs, storage
+from ganpipe import locks, network, runs, storage
 from ganpipe.config import Config
 
 # MLflow 3 sends usage telemetry to the internet unless told not to; ganpipe talks only to the
@@ -84,7 +84,8 @@ def experiment_id(name: str) -> str:
     location = None if is_server() else (storage.ganpipe_home() / "mlartifacts").as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        network.reraise_if_unreachable(exc)
         existing = mlflow.get_experiment_by_name(name)  # created concurrently by another process
         if existing is None:
             raise
@@ -103,7 +104,8 @@ def known_run(run_id: str | None) -> str | None:
     try:
         MlflowClient().get_run(run_id)
         return run_id
-    except MlflowException:
+    except MlflowException as exc:
+        network.reraise_if_unreachable(exc)  # "unknown here" needs an answer from the store
         return None
 
 

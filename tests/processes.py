@@ -1,8 +1,12 @@
-"""Finding the processes a test started: the launcher and workers of one training run, by the
-environment ganpipe.workers passes down (GANPIPE_LAUNCHER_PID, GANPIPE_FLOW_RUN_ID)."""
+"""Processes and servers tests deal with: finding the processes a test started (the launcher and
+workers of one training run, by the environment ganpipe.workers passes down: GANPIPE_LAUNCHER_PID,
+GANPIPE_FLOW_RUN_ID), and a silent endpoint that accepts connections and never answers."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from contextlib import suppress
 
 import psutil
@@ -67,3 +71,47 @@ def measured_commands(commands: list[list[str]], preload: list[str], env: dict[s
                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers: the endpoint that
+    hangs a client without timeouts (a stuck proxy, a firewalled load balancer, a frozen server).
+    Runs in a thread of the test process; connections are held open until `close`."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)  # so the accept loop notices `close`
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.accepted: list[socket.socket] = []
+        self.accepted_at: list[float] = []  # time.monotonic() of each connection
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # the listening socket was closed
+                return
+            self.accepted_at.append(time.monotonic())
+            self.accepted.append(conn)  # held, never read from or written to
+
+    def connections(self, settle_s: float = 0.3) -> int:
+        """Connections accepted so far, once those still in the kernel's queue have been taken."""
+        time.sleep(settle_s)
+        return len(self.accepted)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.sock.close()
+        for conn in self.accepted:
+            with suppress(OSError):
+                conn.close()
+        self._thread.join(timeout=5)

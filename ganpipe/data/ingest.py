@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ganpipe import storage
+from ganpipe import network, storage
 from ganpipe.data.decode import CHANNEL_SAMPLE, ImageSpec, Record, detect_channels
 from ganpipe.data.labels import LABEL_NAMES, Labels, numeric
 from ganpipe.data.pool import PARALLEL_MIN_RECORDS, DecodePool, available_cpus, decode_tasks
@@ -355,6 +355,9 @@ class Preparer:
         located = [storage.filesystem(records[i][1], self.endpoint_url) for i in remote]
         fs = located[0][0]
         fetched = fs.cat([key for _, key in located], on_error="return")
+        for value in fetched.values():
+            if isinstance(value, Exception):  # a store that does not answer is not a bad record
+                network.reraise_if_unreachable(value)
         records = list(records)
         for i, (_, key) in zip(remote, located, strict=True):
             if isinstance(fetched.get(key), bytes):

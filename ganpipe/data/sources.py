@@ -22,10 +22,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from ganpipe import storage
+from ganpipe import network, storage
 from ganpipe.errors import UserError
 
 if TYPE_CHECKING:  # `datasets` takes seconds to import; decode workers and cache hits never need it.
@@ -141,6 +142,7 @@ def _resolve_s3(uri: str, cfg: DataConfig, endpoint_url: str | None) -> Source:
     try:
         listing = fs.find(root, detail=True)
     except (PermissionError, OSError) as exc:
+        network.reraise_if_unreachable(exc)  # the endpoint's failure, not the source's (exit 1)
         raise UserError(f"data.source: cannot list {uri}: {exc}") from None
     # S3 ETags are content hashes: listing them fingerprints the bytes without reading them.
     entries = sorted((key, info.get("ETag") or info.get("etag") or "", info.get("size", 0))
@@ -184,6 +186,8 @@ def _resolve_hub(repo_id: str, cfg: DataConfig) -> Source:
             hint = (" (offline: HF_HUB_OFFLINE is set and the dataset is not in the local Hugging Face cache;"
                     " unset it, or save the dataset with save_to_disk and point data.source at that folder)"
                     if offline else "")
+            if not offline:
+                network.reraise_if_unreachable(exc)
             raise UserError(f"data.source: cannot load {description}{hint}: {exc}") from None
     # A pinned revision is immutable; a branch can move, so the commit it resolves to is the content id.
     commit = _hub_commit(repo_id, cfg.revision)
@@ -195,7 +199,8 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
     try:
         from huggingface_hub import HfApi
 
-        return HfApi().dataset_info(repo_id, revision=revision).sha or (revision or "main")
+        return HfApi().dataset_info(repo_id, revision=revision, timeout=network.budget().attempt_timeout
+                                    ).sha or (revision or "main")
     except Exception:  # noqa: BLE001 - offline with a cached copy: the revision name is the best id we have
         return revision or "main"
 
@@ -233,9 +238,13 @@ def datasets_without_torch() -> Iterator[Any]:
 
     When torch is installed, `datasets` imports it to build every IterableDataset (seconds, and
     hundreds of MB of memory) although ingest never hands data to torch. Unless torch is loaded
-    already, datasets is told it is absent for the duration."""
+    already, datasets is told it is absent for the duration.
+
+    Its streaming reads make one attempt each, too (see `one_attempt`)."""
     import datasets
 
+    one_attempt(datasets.config)
+    bound_hub_client()
     if "torch" in sys.modules:
         yield datasets
         return
@@ -245,3 +254,32 @@ def datasets_without_torch() -> Iterator[Any]:
         yield datasets
     finally:
         datasets.config.TORCH_AVAILABLE = saved
+
+
+def one_attempt(config: Any) -> None:
+    """datasets retries every streamed open and read 20 times, 5 s apart, around clients that
+    retry already (botocore for S3, huggingface_hub for the hub): an endpoint gone silent would
+    hold ingest for 20 network budgets. One attempt each leaves the budget to ganpipe.network."""
+    config.STREAMING_READ_MAX_RETRIES = config.STREAMING_OPEN_MAX_RETRIES = 1
+    # With one attempt, a wait after it only delays the error.
+    config.STREAMING_READ_RETRY_INTERVAL = config.STREAMING_OPEN_RETRY_INTERVAL = 0
+    config.STREAMING_READ_SERVER_UNAVAILABLE_RETRY_INTERVAL = config.STREAMING_READ_RATE_LIMIT_RETRY_INTERVAL = 0
+
+
+@cache  # once per process
+def bound_hub_client() -> None:
+    """huggingface_hub's shared HTTP client, made to keep the network budget: no timeout by
+    default, and retries ganpipe cannot configure (see network.EndpointBreaker). Its own request
+    hooks (offline mode, request ids) stay."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    client_class, hooks = type(session), session.event_hooks
+    transport_class = sys.modules[client_class.__module__.split(".")[0]].HTTPTransport  # httpx or httpx2
+
+    def client() -> Any:
+        return client_class(event_hooks=hooks, follow_redirects=True, timeout=network.budget().attempt_timeout,
+                            transport=network.EndpointBreaker(transport_class()))
+
+    set_client_factory(client)
