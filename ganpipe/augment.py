@@ -170,7 +170,6 @@ def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int =
         raise UserError("--shard-size must be at least 1")
     if is_model_ref(real):
         raise UserError("--real: expected a dataset (data.source, image folder), not a model")
-    storage.require_folder(out, "--out")
     check_ownership(out.rstrip("/"), endpoint_url)  # before any data is read: fail in a second
     synth = open_synthetic(synthetic, seed, endpoint_url)
     spec = synth.spec

@@ -228,7 +228,6 @@ def export(model: str, settings: ExportConfig, endpoint_url: str | None = None, 
         raise UserError("--num-images (export.num_images) must be at least 1")
     if not settings.out:
         raise UserError("--out (export.out): say where to write the dataset")
-    storage.require_folder(settings.out, "--out (export.out)")
     check_ownership(settings.out.rstrip("/"), endpoint_url)  # before the model loads: fail in a second
     gates = GateSettings.from_config(settings)
     loaded = load_generator(model)

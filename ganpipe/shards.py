@@ -251,8 +251,9 @@ def check_ownership(out: str, endpoint_url: str | None, option: str = "--out") -
     """Refuse (UserError, nothing touched) an output location that is not ganpipe's to write: a
     file, or a folder holding anything but a marked dataset (or a lock left by an export killed
     before it wrote its marker)."""
-    if storage.is_file(out, endpoint_url):
-        raise UserError(f"{option} {out}: is a file; name a folder (missing, empty, or an earlier export)")
+    storage.require_folder(out, option)  # local: the path, or a folder above it, is a file
+    if storage.is_file(out, endpoint_url):  # an object at an S3 key
+        raise UserError(f"{option}: {out} is a file, not a folder")
     names = storage.list_names(out, endpoint_url)
     if MARKER in names:
         return

@@ -303,7 +303,7 @@ def test_out_that_is_a_file(capsys, tmp_path: Path, command: str) -> None:
     out.write_text("my notes\n")
     if command == "export":
         code, err = ganpipe(capsys, "export", "--model", str(tmp_path / "no-run"), "--num-images", "4", "--out", str(out))
-        expected = f"error: --out (export.out): {out} is a file, not a folder"
+        expected = f"error: --out: {out} is a file, not a folder"
     else:
         code, err = ganpipe(capsys, "augment", "--real", "builtin:digits", "--synthetic", str(tmp_path / "no-run"),
                             "--ratio", "0.5", "--out", str(out / "sub"))

@@ -163,7 +163,7 @@ def test_export_refuses_a_folder_with_foreign_files_and_touches_nothing(
     code, _, err = cli_code(capsys, "export", "--model", model, "--num-images", "10",
                             "--out", str(target / "README.md"))
     assert code == 2 and error_lines(err) == [
-        f"error: --out {target / 'README.md'}: is a file; name a folder (missing, empty, or an earlier export)"]
+        f"error: --out: {target / 'README.md'} is a file, not a folder"]
     assert (target / "README.md").read_text() == "my readme"
 
 
