@@ -128,6 +128,12 @@ class ModelConfig(_Section):
                               "expanded width (or exceed it: one group)")
     r3gan_blocks: int = Field(2, ge=1, description="r3gan: residual blocks per resolution, in G and in D")
 
+    def g_conditioning_used(self) -> str:
+        """g_conditioning as the family builds it: `auto` is cbn for resnet, embedding otherwise."""
+        if self.g_conditioning != "auto":
+            return self.g_conditioning
+        return "cbn" if self.family == "resnet" else "embedding"
+
 
 LossName = Literal["minimax", "non_saturating", "hinge", "least_squares", "wgan_gp", "relativistic"]
 

@@ -63,7 +63,7 @@ def _family_options(cfg: Config) -> tuple[str, str, bool]:
         if d_norm == "auto":
             t = cfg.train  # batch norm mixes samples: per-sample input gradients (penalties) need none
             d_norm = "none" if m.spectral_norm or t.loss == "wgan_gp" or t.r1_gamma or t.r2_gamma else "batch"
-        return ("embedding" if m.g_conditioning == "auto" else m.g_conditioning), d_norm, m.spectral_norm
+        return m.g_conditioning_used(), d_norm, m.spectral_norm
     family, g_conditioning = m.family, RESIDUAL_G_CONDITIONING[m.family]
     if m.g_conditioning not in ("auto", g_conditioning):
         raise UserError(f"model.g_conditioning: {family} conditions its generator by {g_conditioning}, "

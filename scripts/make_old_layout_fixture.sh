@@ -75,7 +75,12 @@ old export --model models:/compat-digits/1 --num-images 40 --shard-size 16 --cla
 # a fresh one). Copied before step 5 changes the run.
 mkdir -p fixture/home
 cp -r home/prepared home/runs fixture/home/
-cp -r registered export fixture/
+cp -r export fixture/
+# The version's folder is packed: it holds the old code's modules (copies of today's, to a reader
+# of the tree); tests/test_compat.py unpacks it.
+mkdir -p fixture/registered
+cp registered/version.json fixture/registered/
+tar -czf fixture/registered/compat-digits-v1.tar.gz -C registered compat-digits-v1
 
 # 5. The old code continuing the run to 10 steps (what a resume with the current code must match).
 old train digits.yaml --set train.steps=10 --json | tail -1 > continued.json

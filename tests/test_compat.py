@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,9 @@ EXPECTED = json.loads((OLD / "expected" / "expected.json").read_text())
 DIGITS_RUN = EXPECTED["digits"]["run"]
 GAUSSIANS_RUN = EXPECTED["gaussians"]["run"]
 OLD_VERSION = json.loads((OLD / "registered" / "version.json").read_text())
+# The old version's artifact folder, packed: it holds the old code's modules, which would otherwise
+# sit in the tree as copies of today's (`duplicates` reads every tracked .py file).
+OLD_VERSION_ARCHIVE = OLD / "registered" / "compat-digits-v1.tar.gz"
 OLD_MODEL_URI = f"models:/{OLD_VERSION['name']}/{OLD_VERSION['version']}"
 EXPORT_FLAGS = ["--num-images", "40", "--shard-size", "16", "--class-balance"]  # as the old export ran
 
@@ -74,7 +78,16 @@ def old_home(ganpipe_home: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def old_version_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+def old_version_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The old code's registered artifact folder (MLmodel, code/, artifacts/), unpacked."""
+    folder = tmp_path_factory.mktemp("old-version")
+    with tarfile.open(OLD_VERSION_ARCHIVE) as archive:
+        archive.extractall(folder, filter="data")
+    return folder / "compat-digits-v1"
+
+
+@pytest.fixture(scope="module")
+def old_version_store(tmp_path_factory: pytest.TempPathFactory, old_version_folder: Path) -> str:
     """A fresh sqlite store (current mlflow) in which models:/compat-digits/1 is the old code's
     registered version: its artifact folder as the old code logged it, and the old code's tags."""
     from mlflow import MlflowClient
@@ -84,7 +97,7 @@ def old_version_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.create_experiment("compat", artifact_location=(folder / "artifacts").as_uri())
     run = client.create_run(experiment)
-    client.log_artifacts(run.info.run_id, str(OLD / "registered" / "compat-digits-v1"), "generator")
+    client.log_artifacts(run.info.run_id, str(old_version_folder), "generator")
     client.set_terminated(run.info.run_id)
     client.create_registered_model(OLD_VERSION["name"])
     version = client.create_model_version(OLD_VERSION["name"], f"{run.info.artifact_uri}/generator",
@@ -181,6 +194,7 @@ def test_old_run_resumes_where_it_stopped_and_trains_as_the_old_code_did(old_hom
 # --- a registered version -------------------------------------------------------------------------
 
 def test_old_registered_version_loads_and_generates_the_same(old_registry: str, old_home: Path, tmp_path: Path,
+                                                            old_version_folder: Path,
                                                             capsys: pytest.CaptureFixture,
                                                             pyfunc_imports: None) -> None:
     import mlflow
@@ -189,7 +203,7 @@ def test_old_registered_version_loads_and_generates_the_same(old_registry: str, 
 
     # ganpipe's own loader (spec.json + safetensors, checked against the old sha256 tag).
     loaded = load_generator(OLD_MODEL_URI)
-    spec_file = OLD / "registered" / "compat-digits-v1" / "artifacts" / "spec.json"
+    spec_file = old_version_folder / "artifacts" / "spec.json"
     assert loaded.spec == NetworkSpec.from_json(json.loads(spec_file.read_text()))
     assert loaded.source["generator_sha256"] == OLD_VERSION["tags"][SHA_TAG]
     assert loaded.source["model_uri"] == OLD_MODEL_URI
@@ -206,7 +220,7 @@ def test_old_registered_version_loads_and_generates_the_same(old_registry: str, 
     # The pyfunc, by registry URI and from the artifact folder itself, runs the old shipped code.
     frame = pd.DataFrame({"seed": [0, 1, 2, 3], "label": [3, 3, 7, 1]})
     reference = np.load(expected("pyfunc_predict.npy"))
-    folder = shutil.copytree(OLD / "registered" / "compat-digits-v1", tmp_path / "compat-digits-v1")
+    folder = shutil.copytree(old_version_folder, tmp_path / "compat-digits-v1")
     for uri in (OLD_MODEL_URI, str(folder)):
         predicted = mlflow.pyfunc.load_model(uri).predict(frame)
         assert predicted.dtype == np.uint8 and np.array_equal(predicted, reference), uri

@@ -40,7 +40,11 @@ class NetworkSpec:
         return self.num_classes > 0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The spec as plain JSON. A field added after the first format is left out while it holds
+        its default: a spec that does not use it is byte-for-byte what older versions wrote, so
+        its sha256, the export marker that embeds it and old registered versions all still match
+        (tests/test_compat.py). Such a field's default therefore never changes."""
+        return {k: v for k, v in asdict(self).items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NetworkSpec:
@@ -48,3 +52,8 @@ class NetworkSpec:
         error, not ignored: weights are never rebuilt around a shape they were not trained for."""
         tuples = {"sample_shape", "mean", "std", "columns", "classes"}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+
+
+# Fields added to NetworkSpec after its first format, with their defaults (see to_json).
+LATER_FIELDS: dict[str, Any] = {"attention_resolution": 0, "r3gan_expansion": 2, "r3gan_group_size": 16,
+                                "r3gan_blocks": 2}

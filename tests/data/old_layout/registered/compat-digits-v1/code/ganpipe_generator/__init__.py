@@ -1,1 +1,0 @@
-"""ganpipe's networks, shipped with a registered generator."""
