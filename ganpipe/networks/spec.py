@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+SR_FIELDS = ("scale", "sr_blocks", "sr_batch_norm")
+
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    family: str  # a key of ganpipe.networks.FAMILIES: mlp | dcgan | resnet | r3gan
+    family: str  # a key of ganpipe.networks.FAMILIES: mlp | dcgan | resnet | r3gan | srgan
     sample_shape: tuple[int, ...]  # (C, H, W) for images, (D,) for vectors
     latent_dim: int
     num_classes: int = 0  # 0: unconditional
@@ -25,6 +27,9 @@ class NetworkSpec:
     r3gan_expansion: int = 2  # r3gan: inverted bottleneck's expansion factor
     r3gan_group_size: int = 16  # r3gan: channels per group of the grouped 3x3 convolution
     r3gan_blocks: int = 2  # r3gan: residual blocks per resolution
+    scale: int = 1  # srgan: the upscaling factor (1: every other family, which generates from latents)
+    sr_blocks: int = 16  # srgan: residual blocks of the generator
+    sr_batch_norm: bool = False  # srgan: batch norm in the generator's residual blocks
     # For vector data: the statistics that map the generator's standardised output back to data units.
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
@@ -36,11 +41,27 @@ class NetworkSpec:
         return len(self.sample_shape) == 3
 
     @property
+    def image_to_image(self) -> bool:
+        """The generator maps an image (`scale` times smaller than sample_shape) to an image,
+        rather than a latent to a sample: sampling from noise does not apply to it."""
+        return self.scale > 1
+
+    def input_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """An image-to-image generator's input for an output of height x width."""
+        return (self.sample_shape[0], height // self.scale, width // self.scale)
+
+    @property
     def conditional(self) -> bool:
         return self.num_classes > 0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON; the super-resolution ones only for that family, so the spec.json
+        of every other family (and its registered checksum) is what it was before they existed."""
+        data = asdict(self)
+        if not self.image_to_image:
+            for key in SR_FIELDS:
+                data.pop(key)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NetworkSpec:
