@@ -248,6 +248,8 @@ class EvalConfig(_Section):
                                "features in this many processes (devices) through accelerate")
     resolution: int = Field(64, ge=4, le=1024, description="`ganpipe evaluate` with datasets on both sides: the "
                             "resolution both are prepared at (a MODEL side sets its own)")
+    sr_y_channel: bool = Field(True, description="srgan: psnr and ssim on the Y channel of RGB images (MATLAB's "
+                               "and BasicSR's convention for published numbers); false: on RGB")
 
 
 class RegisterConfig(_Section):
