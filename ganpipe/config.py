@@ -318,6 +318,8 @@ class Config(_Section):
         """srgan keeps images at their own size (crops are drawn in training) and holds part of
         them out; the other families square them and hold nothing out."""
         d, sr = self.data, self.model.family == "srgan"
+        if sr and d.kind != "image":
+            raise ValueError(f"data.kind: model.family srgan super-resolves images, not {d.kind}s")
         if sr and "resize" not in d.model_fields_set:
             d.resize = "native"
         if sr and d.resize != "native":

@@ -70,7 +70,7 @@ class VGGFeatureLoss(nn.Module):
         missing = [name for name in wanted if name not in state]
         wrong = [name for name in wanted if name in state and state[name].shape != wanted[name].shape]
         if missing or wrong:
-            problem = f"missing {missing[0]}" if missing else \
+            problem = f"missing {missing[0]}" if not wrong else \
                 f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(wanted[wrong[0]].shape)}"
             raise UserError(f"{key} {path}: not VGG19 weights in torchvision's layout ({problem})")
         self.features.load_state_dict({name.removeprefix("features."): state[name].float() for name in wanted})
