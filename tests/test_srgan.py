@@ -17,7 +17,6 @@ from ganpipe.data import ingest, open_prepared
 from ganpipe.data.pairs import (
     bicubic_downscale,
     degrade,
-    evaluation_pair,
     holdout_split,
     random_crop,
     training_pairs,
