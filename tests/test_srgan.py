@@ -240,6 +240,10 @@ def test_a_run_through_the_cli_trains_every_stage_and_evaluates_against_bicubic(
     assert set(metrics) == {"psnr", "psnr_bicubic", "ssim", "ssim_bicubic"}
     assert metrics["psnr"]["num_images"] == 2 and 0 < metrics["psnr"]["value"] < 60
     assert metrics["psnr_bicubic"]["value"] == metrics["psnr"]["bicubic"] > 15
+    refused = run_cli("generate", "--model", str(run_dir), "--num-images", "4", "--out", str(tmp_path / "g.png"))
+    assert refused.returncode == 2 and error_lines(refused.stderr) == [
+        "error: --model: a srgan generator super-resolves images; `ganpipe generate` samples from seeds and does "
+        "not apply to it (see README, Super-resolution)"], refused.stderr
 
 
 # --- bad input -------------------------------------------------------------------------------------
