@@ -65,6 +65,16 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}, str(path))
 
 
+def write_generator_folder(target: Path, weights: dict[str, torch.Tensor], spec: dict[str, Any],
+                           info: dict[str, Any]) -> None:
+    """A generator folder (generator.safetensors, spec.json, info.json), written atomically:
+    what evaluation, registration and export read."""
+    with storage.atomic_directory(target) as tmp:
+        save_weights(weights, tmp / "generator.safetensors")
+        (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
+        (tmp / "info.json").write_text(json.dumps(info, indent=2))
+
+
 def save_checkpoint(run_dir: Path, step: int, networks: dict[str, dict[str, torch.Tensor]],
                     state: dict[str, Any], info: dict[str, Any], keep: int, score: float | None = None) -> Path:
     """Write a checkpoint atomically, point `latest` at it (and `best` when its `score` is the

@@ -80,7 +80,16 @@ class DataConfig(_Section):
     classes: list[str] | None = Field(None, description="declared class names; other labels are bad records")
     resolution: int = Field(32, ge=4, le=1024)
     channels: Literal[1, 3] | None = Field(None, description="1 or 3; default: 1 when the images are grayscale")
-    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    resize: Literal["center_crop", "pad", "stretch", "native"] = Field(
+        "center_crop", description="how images become data.resolution px squares; native: kept at their own size "
+                                   "(model.family srgan, whose training crops them; set for it by default)")
+    holdout_fraction: float | None = Field(
+        None, gt=0, lt=1, description="model.family srgan: this fraction of the images (chosen by a fixed seeded "
+                                      "permutation) is never trained on and is what PSNR/SSIM measure; default 0.1")
+    degradation: Literal["bicubic", "crappify"] = Field(
+        "bicubic", description="model.family srgan: how the low-resolution input is made from each high-resolution "
+                               "crop: PIL's bicubic downscale of the uint8 image, or crappify (Gaussian blur before, "
+                               "noise and JPEG after it, each of random strength, seeded)")
     on_bad_record: Literal["error", "skip"] = "error"
     split: str = "train"
     config_name: str | None = Field(None, description="hub dataset configuration")
@@ -97,10 +106,11 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["mlp", "dcgan", "resnet", "r3gan"] = Field(
+    family: Literal["mlp", "dcgan", "resnet", "r3gan", "srgan"] = Field(
         "dcgan", description="mlp (vectors or flattened images) | dcgan (8-1024 px) | resnet (SNGAN/BigGAN-style "
                              "residual networks, 32-256 px) | r3gan (R3GAN's normalisation-free residual networks, "
-                             "16-256 px); resnet and r3gan need image data")
+                             "16-256 px); resnet and r3gan need image data | srgan (super-resolution: an SRResNet "
+                             "generator from low- to high-resolution images, a VGG-style discriminator)")
     conditional: bool = False
     latent_dim: int = Field(100, ge=1)
     g_width: int = Field(64, ge=1, description="generator base channels (dcgan, resnet, r3gan: the layers at the "
@@ -127,6 +137,10 @@ class ModelConfig(_Section):
         16, ge=1, description="r3gan: channels per group of the grouped 3x3 convolution; must divide every "
                               "expanded width (or exceed it: one group)")
     r3gan_blocks: int = Field(2, ge=1, description="r3gan: residual blocks per resolution, in G and in D")
+    scale: Literal[2, 4, 8] = Field(4, description="srgan: the upscaling factor, 2, 4 or 8")
+    sr_blocks: int = Field(16, ge=1, description="srgan: residual blocks of the generator")
+    sr_batch_norm: bool = Field(False, description="srgan: batch norm in the generator's residual blocks (off, as "
+                                                  "in ESRGAN: no artefacts at sizes other than the crop's)")
 
     def g_conditioning_used(self) -> str:
         """g_conditioning as the family builds it: `auto` is cbn for resnet, embedding otherwise."""
@@ -177,6 +191,19 @@ class TrainConfig(_Section):
     anneal_steps: int | None = Field(None, ge=1, description="steps over which gamma_decay, beta2_final and "
                                      "ada_target_final move (then hold); null: train.steps")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    pretrain_steps: int = Field(0, ge=0, description="srgan: generator updates on the content loss alone (the "
+                                "PSNR model) before any adversarial step")
+    critic_pretrain_steps: int = Field(0, ge=0, description="srgan: then discriminator updates on real crops vs "
+                                       "the pretrained generator's outputs; then train.steps adversarial steps")
+    pixel_loss: Literal["l1", "mse"] = Field("l1", description="srgan: the pixel part of the content loss")
+    vgg_weights: str | None = Field(None, description="srgan: a VGG19 weights file (torchvision's layout, .pth "
+                                    "or .safetensors) for the feature loss; never downloaded. None: pixel loss only")
+    feature_weight: float = Field(1.0, ge=0, description="srgan: weight of the VGG19 feature loss (conv5_4, before "
+                                  "its ReLU, as ESRGAN)")
+    adversarial_weight: float = Field(5e-3, ge=0, description="srgan: weight of the adversarial term in the "
+                                      "generator's loss during the train.steps adversarial steps")
+    sr_gan_loss: Literal["standard", "relativistic_average"] = Field(
+        "relativistic_average", description="srgan: the adversarial objective (ESRGAN: relativistic average)")
     grad_accum: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     num_processes: int = Field(1, ge=1)
@@ -227,6 +254,8 @@ class EvalConfig(_Section):
                                "features in this many processes (devices) through accelerate")
     resolution: int = Field(64, ge=4, le=1024, description="`ganpipe evaluate` with datasets on both sides: the "
                             "resolution both are prepared at (a MODEL side sets its own)")
+    sr_y_channel: bool = Field(True, description="srgan: psnr and ssim on the Y channel of RGB images (MATLAB's "
+                               "and BasicSR's convention for published numbers); false: on RGB")
 
 
 class RegisterConfig(_Section):
@@ -289,6 +318,25 @@ class Config(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @model_validator(mode="after")
+    def _super_resolution_data(self) -> Config:
+        """srgan keeps images at their own size (crops are drawn in training) and holds part of
+        them out; the other families square them and hold nothing out."""
+        d, sr = self.data, self.model.family == "srgan"
+        if sr and d.kind != "image":
+            raise ValueError(f"data.kind: model.family srgan super-resolves images, not {d.kind}s")
+        if sr and "resize" not in d.model_fields_set:
+            d.resize = "native"
+        if sr and d.resize != "native":
+            raise ValueError(f"data.resize: model.family srgan keeps images at their own size (native), not {d.resize}")
+        if not sr and d.resize == "native":
+            raise ValueError("data.resize: native (images at their own size) is for model.family srgan")
+        if sr and d.holdout_fraction is None:
+            d.holdout_fraction = 0.1
+        if not sr and d.holdout_fraction is not None:
+            raise ValueError("data.holdout_fraction: only model.family srgan holds data out")
+        return self
 
     @model_validator(mode="after")
     def _batch_splits(self) -> Config:

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from ganpipe import runs, storage, tracking
 from ganpipe.config import Config, DataConfig
 from ganpipe.data import PreparedData, ingest, open_prepared
+from ganpipe.data.pairs import holdout_split
 from ganpipe.errors import UserError
 from ganpipe.generators import is_model_ref, label_weights, load_generator
 from ganpipe.metrics import (
@@ -36,7 +37,10 @@ from ganpipe.metrics import (
     main_process_first,
 )
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
+from ganpipe.metrics.sr import evaluate_super_resolution
 from ganpipe.workers import WorkerFailed, run_workers, worker_main
+
+SR_METRICS = ("psnr", "ssim")
 
 
 def _prepare_real(src: str, resolution: int, channels: int | None, endpoint_url: str | None) -> PreparedData:
@@ -103,11 +107,36 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
     device = default_device()
     loaded = load_generator(str(run_dir), device)
+    if loaded.spec.image_to_image:
+        results = evaluate_super_resolution_run(loaded.generator, loaded.spec, data, cfg, device)
+        return record_evaluation(run_dir, results, len(holdout_split(data.num_records, cfg.data.holdout_fraction
+                                                                     or 0.1)[1]),
+                                 loaded.source["generator_sha256"], data.fingerprint)
     fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, label_weights(data, loaded.spec), device)
     ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
                       inception_weights=e.inception_weights)
     results = evaluate(ctx, e.metrics)
     return record_evaluation(run_dir, results, e.num_samples, loaded.source["generator_sha256"], data.fingerprint)
+
+
+def evaluate_super_resolution_run(generator: torch.nn.Module, spec: Any, data: PreparedData, cfg: Config,
+                                  device: torch.device) -> dict[str, Any]:
+    """psnr and ssim of a super-resolution run's generator on its held-out images, each with
+    `<name>_bicubic` beside it; other metrics do not apply and say so."""
+    names = [m for m in cfg.eval.metrics if m in SR_METRICS]
+    _, holdout = holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)
+    measured = evaluate_super_resolution(generator, spec, data, holdout, cfg.data.degradation, names,
+                                         cfg.eval.sr_y_channel, device)
+    results: dict[str, Any] = {}
+    for name in cfg.eval.metrics:
+        if name not in SR_METRICS:
+            results[name] = {"value": None, "uncertainty": None,
+                             "error": f"{name} does not apply to super-resolution (use psnr, ssim)"}
+            continue
+        results[name] = measured[name]
+        results[f"{name}_bicubic"] = {"value": measured[name]["bicubic"],
+                                      "uncertainty": measured[name]["bicubic_uncertainty"]}
+    return results
 
 
 def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,

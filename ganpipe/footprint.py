@@ -103,6 +103,8 @@ def activations_per_sample(module: nn.Module, inputs: Callable[[int], tuple], sa
 def generator_inputs(spec: NetworkSpec) -> Callable[[int], tuple]:
     def make(n: int) -> tuple:
         labels = torch.zeros(n, dtype=torch.long, device="meta") if spec.conditional else None
+        if spec.image_to_image:  # a low-resolution image of the training crop
+            return torch.empty(n, *spec.input_shape(*spec.sample_shape[1:]), device="meta"), labels
         return torch.empty(n, spec.latent_dim, device="meta"), labels
     return make
 

@@ -82,12 +82,20 @@ def check_request(out: Path, num_images: int, seed: int, truncation: float | Non
         raise UserError(f"--truncation {truncation}: expected a positive number")
 
 
+def refuse_image_to_image(spec: NetworkSpec, key: str, command: str) -> None:
+    """Seed-based commands cannot drive a generator that takes images (super-resolution)."""
+    if spec.image_to_image:
+        raise UserError(f"{key}: a {spec.family} generator super-resolves images; `ganpipe {command}` samples "
+                        "from seeds and does not apply to it (see README, Super-resolution)")
+
+
 def generate_to_file(model: str, out: Path, num_images: int, seed: int = 0, labels_text: str | None = None,
                      truncation: float | None = None) -> dict[str, Any]:
     """Write `num_images` samples of `model` to `out`; returns the contract's result."""
     check_request(out, num_images, seed, truncation)
     loaded = load_generator(model)
     spec = loaded.spec
+    refuse_image_to_image(spec, "--model", "generate")
     if out.suffix == ".png" and not spec.is_image:
         raise UserError("--out .png needs an image model; use .npy or .parquet for vectors")
     labels = parse_labels(labels_text, spec)

@@ -5,6 +5,8 @@ spec before it starts workers; every training rank builds from the same two.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -12,6 +14,7 @@ from ganpipe.config import Config
 from ganpipe.data import PreparedData
 from ganpipe.errors import UserError
 from ganpipe.networks import NetworkSpec, check_spec
+from ganpipe.sr_losses import VGGFeatureLoss
 
 
 def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
@@ -24,6 +27,9 @@ def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
     if cfg.train.augment != "none" and data.kind != "image":
         raise UserError(f"train.augment: {cfg.train.augment} augments images; data.kind is {data.kind} "
                         "(set train.augment: none)")
+    sr = m.family == "srgan"
+    if sr:
+        check_super_resolution(cfg, data)
     if m.pack > 1 and m.conditional:
         raise UserError("model.pack: packing is for unconditional models")
     if m.attention_resolution and m.family in ("mlp", "dcgan"):
@@ -35,11 +41,12 @@ def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
     g_conditioning, d_norm, spectral_norm = _family_options(cfg)
     mean, std = data.vector_stats if data.kind == "vector" else ((), ())
     spec = NetworkSpec(
-        family=m.family, sample_shape=data.sample_shape, latent_dim=m.latent_dim,
+        family=m.family, sample_shape=data.sample_shape, latent_dim=0 if sr else m.latent_dim,
         num_classes=data.num_classes if m.conditional else 0, g_width=m.g_width, d_width=m.d_width,
         mlp_layers=m.mlp_layers, g_conditioning=g_conditioning, d_conditioning=m.d_conditioning,
         spectral_norm=spectral_norm, d_norm=d_norm, pack=m.pack, attention_resolution=m.attention_resolution,
         r3gan_expansion=m.r3gan_expansion, r3gan_group_size=m.r3gan_group_size, r3gan_blocks=m.r3gan_blocks,
+        **({"scale": m.scale, "sr_blocks": m.sr_blocks, "sr_batch_norm": m.sr_batch_norm} if sr else {}),
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         columns=tuple(data.meta.get("columns") or ()), classes=tuple(data.classes or ()))
     try:
@@ -47,6 +54,28 @@ def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return spec
+
+
+def check_super_resolution(cfg: Config, data: PreparedData) -> None:
+    """What srgan needs beyond its networks' sizes: images kept at their own sizes, and settings
+    of the latent families that have no meaning for it refused rather than ignored."""
+    t = cfg.train
+    if not data.native:
+        raise UserError("model.family: srgan needs images prepared at their own sizes (data.resize: native)")
+    if t.augment != "none":
+        raise UserError(f"train.augment: srgan augments its crops itself (flips, rotations); set none, "
+                        f"not {t.augment}")
+    if t.best_metric != "none" or t.final_generator != "last":
+        raise UserError("train.best_metric: srgan's checkpoints are not scored (set none; the run's generator "
+                        "is the last EMA)")
+    if t.lr_decay != "none" or t.beta2_final is not None:
+        raise UserError("train.lr_decay: srgan keeps its rates constant across its stages (set none, and "
+                        "train.beta2_final null)")
+    if t.vgg_weights:  # a missing or wrong file fails here, before any process starts
+        VGGFeatureLoss(Path(t.vgg_weights))
+    if t.loss == "wgan_gp" or t.r1_gamma or t.r2_gamma:
+        raise UserError("train.loss: srgan's adversarial objective is train.sr_gan_loss; gradient penalties "
+                        "(wgan_gp, r1_gamma, r2_gamma) are not supported")
 
 
 # The residual families build one way: G's conditioning, and a discriminator without batch norm.

@@ -219,6 +219,9 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
                         f"({', '.join(sorted(directions))})")
     info = runs.read_info(run_dir)
     model, spec, weights_sha, spec_sha = read_generator(generator_dir)
+    if spec.image_to_image:  # the pyfunc takes seeds: an image-taking one is not written yet
+        raise UserError(f"--run {run_dir}: super-resolution generators cannot be registered yet (the registered "
+                        "model samples from seeds); use the run's generator/ folder")
     evaluation = _evaluation_for(run_dir, weights_sha)
 
     tracking.configure_mlflow()

@@ -8,7 +8,6 @@ it: logging, previews, checkpoints scored for `best`, and the run's generator at
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 from ganpipe.networks import generate
 from ganpipe.previews import save_grid, save_scatter
 from ganpipe.progress import Progress, duration
+from ganpipe.sr_trainer import SRTrainer
 from ganpipe.tracking import MlflowLogger
 from ganpipe.trainer import Trainer
 from ganpipe.workers import worker_main
@@ -56,6 +56,9 @@ def save_preview(trainer: Trainer) -> Path | None:
     if not trainer.accelerator.is_main_process:
         return None
     path = trainer.run_dir / "samples" / f"step-{trainer.step:08d}.png"
+    if trainer.spec.image_to_image:  # bicubic, super-resolved and original crops of held-out images
+        save_grid(trainer.preview_images(), path)
+        return path
     seeds = PREVIEW_SEEDS if trainer.spec.is_image else list(range(1000))
     labels = [i % trainer.spec.num_classes for i in seeds] if trainer.spec.conditional else None
     samples = generate(trainer.nets.ema, trainer.spec, seeds, labels, device=trainer.device)
@@ -84,12 +87,8 @@ def write_generator(trainer: Trainer) -> dict[str, Any] | None:
             meta = checkpoint.read_meta(best)
             weights = load_file(str(best / "G_ema.safetensors"))
             chosen = {"step": meta["step"], "selected": "best", "score": meta.get("score")}
-    target = runs.generator_dir(trainer.run_dir)
-    with storage.atomic_directory(target) as tmp:
-        checkpoint.save_weights(weights, tmp / "generator.safetensors")
-        (tmp / "spec.json").write_text(json.dumps(trainer.spec.to_json(), indent=2))
-        (tmp / "info.json").write_text(json.dumps({
-            **chosen, "data_fingerprint": trainer.data.fingerprint, "config_hash": trainer.cfg.hash()}, indent=2))
+    checkpoint.write_generator_folder(runs.generator_dir(trainer.run_dir), weights, trainer.spec.to_json(), {
+        **chosen, "data_fingerprint": trainer.data.fingerprint, "config_hash": trainer.cfg.hash()})
     return chosen
 
 
@@ -102,23 +101,24 @@ def training_line(progress: Progress, metrics: dict[str, float] | None) -> str:
 
 def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     t = cfg.train
-    trainer = Trainer(cfg, run_dir)
+    trainer = SRTrainer(cfg, run_dir) if cfg.model.family == "srgan" else Trainer(cfg, run_dir)
     acc = trainer.accelerator
     main = acc.is_main_process
     logger = MlflowLogger(cfg, run_dir, enabled=main)
-    progress = Progress(t.steps, "train", "step", training_line, enabled=main, start=trainer.step,
+    progress = Progress(trainer.total_steps, "train", "step", training_line, enabled=main, start=trainer.step,
                         bar_keys=("d_loss", "g_loss"))
     if trainer.resumed_from is not None and main:
         print(f"resumed from step {trainer.resumed_from}", file=sys.stderr, flush=True)
     window_start, window_step = time.time(), trainer.step
     last_checkpoint = checkpoint.latest_checkpoint(run_dir)
     try:
-        while trainer.step < t.steps:
+        while trainer.step < trainer.total_steps:
             stats = trainer.iteration()
             trainer.step += 1
             step = trainer.step
             metrics = None
-            if step % t.log_every == 0 or step == t.steps:
+            last = step == trainer.total_steps
+            if step % t.log_every == 0 or last:
                 trainer.check_finite()
                 names = sorted(stats)
                 reduced = acc.reduce(torch.stack([stats[k].float() for k in names]), "mean")
@@ -130,11 +130,11 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 window_start, window_step = time.time(), step
                 logger.metrics(metrics, step)
             progress.move_to(step, metrics)
-            if step % t.sample_every == 0 or step == t.steps:
+            if step % t.sample_every == 0 or last:
                 grid = save_preview(trainer)
                 if grid is not None:
                     logger.artifact(grid, "samples")
-            if step % t.checkpoint_every == 0 or step == t.steps:
+            if step % t.checkpoint_every == 0 or last:
                 trainer.check_finite(weights=True)
                 score = checkpoint_score(trainer)
                 if score is not None:

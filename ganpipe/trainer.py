@@ -68,8 +68,7 @@ class Trainer:
         opt_g = torch.optim.Adam(g_raw.parameters(), lr=t.g_lr, betas=t.betas, fused=fused or None)
         opt_d = torch.optim.Adam(d_raw.parameters(), lr=t.d_lr, betas=t.betas, fused=fused or None)
 
-        self.sampler = BatchSampler(self.data.num_records, t.batch_size, cfg.seed, acc.process_index,
-                                    acc.num_processes)
+        self.sampler = self.new_sampler()
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + acc.process_index)
         self.augment = DiscriminatorAugment(t.augment, cfg.seed, acc.process_index, batch_size=t.batch_size,
                                             interval=t.ada_interval, kimg=t.ada_kimg, device=self.device)
@@ -92,6 +91,17 @@ class Trainer:
             acc.scaler.load_state_dict(self._resume_state["scaler"])
         self._resume_state = {}
         self.first_bad_step = torch.tensor(-1, device=self.device)
+
+    @property
+    def total_steps(self) -> int:
+        """The loop's length: train.steps (the super-resolution trainer adds its pretraining)."""
+        return self.cfg.train.steps
+
+    def new_sampler(self) -> BatchSampler:
+        """The order of the real batches, over every record."""
+        acc = self.accelerator
+        return BatchSampler(self.data.num_records, self.cfg.train.batch_size, self.cfg.seed, acc.process_index,
+                            acc.num_processes)
 
     # --- resume ------------------------------------------------------------------------------
     def _resume(self, g_raw, d_raw, ema, opt_g, opt_d) -> int | None:
@@ -316,11 +326,15 @@ class Trainer:
             stats.update(self.generator_update())
         else:
             stats.update(self.adaptive_update())
+        self.record_finite(stats)
+        return stats
+
+    def record_finite(self, stats: dict[str, torch.Tensor]) -> None:
+        """Remember the first step with a non-finite loss, without a host sync (check_finite reads it)."""
         losses = [v for k, v in stats.items() if k.endswith("loss")]
         finite = torch.stack([torch.isfinite(v) for v in losses]).all()
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite,
                                           torch.tensor(self.step + 1, device=self.device), self.first_bad_step)
-        return stats
 
     def adaptive_update(self) -> dict[str, torch.Tensor]:
         """Train one side until its loss crosses its threshold, then the other (capped at 50

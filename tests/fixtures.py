@@ -56,3 +56,46 @@ def new_run_dir(cfg: Config) -> Path:
     tests that build a Trainer in this process."""
     with prepared_run(cfg) as run:
         return run.run_dir
+
+
+# --- super-resolution: an image folder of photographs of several sizes ---------------------------
+
+def write_photo_folder(folder: Path, count: int = 24, seed: int = 0) -> Path:
+    """`count` PNG crops of scikit-learn's sample photographs, of several sizes from 32 to 72 px
+    a side (real image statistics: bicubic is a meaningful baseline on them)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        height, width = (int(v) for v in rng.integers(32, 73, size=2))
+        top, left = int(rng.integers(0, photo.shape[0] - height)), int(rng.integers(0, photo.shape[1] - width))
+        Image.fromarray(photo[top:top + height, left:left + width]).save(folder / f"photo-{i:03d}.png")
+    return folder
+
+
+def write_random_vgg19(path: Path, seed: int = 0) -> Path:
+    """A VGG19 weights file in torchvision's layout (`features.N.weight/bias`, as `vgg19().state_dict()`),
+    random He-normal values: for the feature loss's tests, never a substitute for real weights.
+    `.safetensors` or a weights-only `torch.save` file, by the suffix."""
+    from safetensors.torch import save_file
+
+    from ganpipe.sr_losses import vgg19_features
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in vgg19_features().state_dict().items():
+        fan_in = tensor[0].numel() if tensor.dim() > 1 else 1
+        state[f"features.{name}"] = (torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / fan_in)
+                                     if tensor.dim() > 1 else torch.zeros(tensor.shape))
+    state["classifier.6.bias"] = torch.zeros(1000)  # a token of the classifier (the loss ignores it; 400 MB in full)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path

@@ -9,6 +9,7 @@ Preprocessing policy (documented in the README):
 - size: `center_crop` scales the shorter side to the resolution (bicubic, anti-aliased when
   shrinking) and crops the centre square; `pad` scales the longer side and pads with black;
   `stretch` scales both sides, ignoring the aspect ratio.
+- native (model.family srgan): mode converted as above, size kept (decode_native_chunk).
 - values: stored as uint8 0..255; the training loader maps them to [-1, 1].
 """
 
@@ -150,6 +151,45 @@ def warm_up() -> None:
     """A worker's first task: importing this module is the work."""
 
 
+def _decode_error(data: bytes | None, path: str | None, exc: Exception) -> str:
+    """Why a record could not be decoded, for the bad-record report."""
+    if isinstance(exc, FileNotFoundError):
+        return f"image file not found: {path}"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"undecodable image{_of(data, path)}: not an image format PIL can read"
+    return f"undecodable image{_of(data, path)}: {type(exc).__name__}: {exc}"
+
+
+def decode_native_chunk(records: list[Record], spec: ImageSpec
+                        ) -> tuple[tuple[np.ndarray, np.ndarray], list[tuple[int, str]]]:
+    """Decode a chunk at the images' own sizes (data.resize: native, for super-resolution).
+    Returns ((all good images' pixels, flat uint8 in order; their (height, width, channels),
+    int64 N x 3),
+    bad records). An image smaller than spec.resolution on either side cannot give a training
+    crop: a bad record naming both sizes."""
+    parts: list[np.ndarray] = []
+    sizes: list[tuple[int, int, int]] = []
+    bad: list[tuple[int, str]] = []
+    for position, (data, path) in enumerate(records):
+        if data is None and not path:
+            bad.append((position, "missing image"))
+            continue
+        try:
+            image = to_mode(open_image(data, path), spec.channels)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is this record's fault
+            bad.append((position, _decode_error(data, path, exc)))
+            continue
+        width, height = image.size
+        if min(width, height) < spec.resolution:
+            bad.append((position, f"image of {width}x{height} px{_of(data, path)} is smaller than the "
+                                  f"data.resolution crop ({spec.resolution} px)"))
+            continue
+        parts.append(np.asarray(image, dtype=np.uint8).reshape(-1))
+        sizes.append((height, width, spec.channels))
+    pixels = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return (pixels, np.asarray(sizes, dtype=np.int64).reshape(-1, 3)), bad
+
+
 def decode_chunk(records: list[Record], spec: ImageSpec) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Decode a chunk. Returns the stacked images of the good records (in order), uint8
     N x H x W x C, and for the bad ones (position in chunk, reason)."""
@@ -166,11 +206,7 @@ def decode_chunk(records: list[Record], spec: ImageSpec) -> tuple[np.ndarray, li
         try:
             canvas.paste(preprocess(open_image(data, path), spec), (0, size * kept))
             kept += 1
-        except FileNotFoundError:
-            bad.append((position, f"image file not found: {path}"))
-        except UnidentifiedImageError:
-            bad.append((position, f"undecodable image{_of(data, path)}: not an image format PIL can read"))
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is this record's fault
-            bad.append((position, f"undecodable image{_of(data, path)}: {type(exc).__name__}: {exc}"))
+            bad.append((position, _decode_error(data, path, exc)))
     images = np.frombuffer(canvas.tobytes(), dtype=np.uint8).reshape(-1, size, size, spec.channels)
     return images[:kept], bad

@@ -15,7 +15,7 @@ from PIL import Image
 from ganpipe import storage
 from ganpipe.errors import UserError
 
-BUILTINS = ("digits", "gaussians25")
+BUILTINS = ("digits", "gaussians25", "photos")
 
 
 def builtin_dataset_path(source: str) -> Path:
@@ -28,6 +28,10 @@ def builtin_dataset_path(source: str) -> Path:
             from ganpipe.data.gaussians import write_gaussians
 
             write_gaussians(target)
+        elif name == "photos":
+            from ganpipe.data.photos import write_photos
+
+            write_photos(target)
         else:
             write_digits(target)
     return target

@@ -34,7 +34,7 @@ from ganpipe import network, storage
 from ganpipe.data.decode import CHANNEL_SAMPLE, ImageSpec, Record, detect_channels
 from ganpipe.data.labels import LABEL_NAMES, Labels, numeric
 from ganpipe.data.pool import PARALLEL_MIN_RECORDS, DecodePool, available_cpus, decode_tasks
-from ganpipe.data.prepared import RunningStats, ShardWriter, combined_hash
+from ganpipe.data.prepared import NativeShardWriter, RunningStats, ShardWriter, combined_hash
 from ganpipe.data.sources import (
     BATCH_ROWS,
     IMAGE_EXTENSIONS,
@@ -290,7 +290,9 @@ class Preparer:
                     ) -> dict[str, Any]:
         image_column = self._image_column(columns)
         wanted = [image_column] + ([label_column] if label_column else [])
-        writer = ShardWriter(self.out, "images", self.cfg.shard_size)
+        native = self.cfg.resize == "native"
+        writer: ShardWriter | NativeShardWriter = NativeShardWriter(self.out, self.cfg.shard_size) if native \
+            else ShardWriter(self.out, "images", self.cfg.shard_size)
         label_writer = ShardWriter(self.out, "labels", self.cfg.shard_size) if labels else None
         spec: ImageSpec | None = None
         in_flight: deque[tuple[Future, list[int], np.ndarray]] = deque()
@@ -327,7 +329,7 @@ class Preparer:
         if label_writer is not None:
             self.shards += label_writer.close()
         self.rows_in_shards = writer.rows
-        return {"kind": "image", "resolution": self.cfg.resolution,
+        return {"kind": "image", "resolution": self.cfg.resolution, "resize": self.cfg.resize,
                 "channels": spec.channels if spec else self.cfg.channels, "image_column": image_column}
 
     def _record(self, value: Any) -> Record:

@@ -11,7 +11,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from ganpipe.data.decode import ImageSpec, Record, decode_chunk, warm_up
+from ganpipe.data.decode import ImageSpec, Record, decode_chunk, decode_native_chunk, warm_up
 
 CHUNK_BYTES = 16 << 20  # bytes (encoded in + decoded out) per decode task: large images do not pile up
 PARALLEL_MIN_RECORDS = 2048  # below this, worker processes cost more than they save
@@ -57,10 +57,11 @@ class DecodePool:
         self.seen += len(records)
         if self.seen > PARALLEL_MIN_RECORDS:
             self.start()
+        decode = decode_native_chunk if spec.resize == "native" else decode_chunk
         if self.executor is not None:
-            return self.executor.submit(decode_chunk, records, spec)
+            return self.executor.submit(decode, records, spec)
         done: Future = Future()
-        done.set_result(decode_chunk(records, spec))
+        done.set_result(decode(records, spec))
         return done
 
     def __enter__(self) -> DecodePool:

@@ -1,7 +1,12 @@
 """The prepared-data format, written and read in one place: ingest writes shards (`PREFIX-NNNNN.npy`,
 each listed in meta.json with its rows and sha256) through ShardWriter, with RunningStats for a
 vector dataset's mean and std; training reads them back as memory-mapped shards, gathered by index
-(in data units: ganpipe.networks.space maps them to network space)."""
+(in data units: ganpipe.networks.space maps them to network space).
+
+Images kept at their own sizes (`meta["resize"] == "native"`, super-resolution) cannot share one
+array shape: NativeShardWriter writes each shard as `pixels-NNNNN.npy` (every image's uint8 pixels
+one after another, flat) and `index-NNNNN.npy` (per image: offset in that shard's pixels, height,
+width), and `PreparedData.image` reads one image back as a view of the memory-mapped pixels."""
 
 from __future__ import annotations
 
@@ -49,6 +54,32 @@ class PreparedData:
         return len(self.classes or [])
 
     @property
+    def native(self) -> bool:
+        """Images at their own sizes (read one by one with `image`), not fixed-size rows."""
+        return self.meta.get("resize") == "native"
+
+    @cached_property
+    def _native_index(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        pixels, index = self._shards("pixels"), self._shards("index")
+        return list(zip(pixels, index, strict=True))
+
+    @cached_property
+    def _native_offsets(self) -> np.ndarray:
+        return np.cumsum([0] + [len(index) for _, index in self._native_index])
+
+    def image(self, i: int) -> np.ndarray:
+        """Image `i` of native data: uint8 H x W x C, a read-only view of the mapped shard."""
+        shard = int(np.searchsorted(self._native_offsets, i, side="right") - 1)
+        pixels, index = self._native_index[shard]
+        offset, height, width = (int(v) for v in index[i - self._native_offsets[shard]])
+        channels = self.meta["channels"]
+        return pixels[offset:offset + height * width * channels].reshape(height, width, channels)
+
+    def image_sizes(self) -> np.ndarray:
+        """(height, width) of every native image, int64 N x 2."""
+        return np.concatenate([np.asarray(index[:, 1:]) for _, index in self._native_index])
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """(C, H, W) for images, (D,) for vectors: what the networks see."""
         if self.kind == "image":
@@ -85,6 +116,8 @@ class PreparedData:
 
     def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw rows (uint8 NHWC images or float32 vectors) and labels (or None) at `indices`."""
+        if self.native:
+            raise ValueError("images of native sizes are read one by one (PreparedData.image), not gathered")
         labels = self._gather(self._label_shards, indices) if self._label_shards else None
         return self._gather(self._data_shards, indices), labels
 
@@ -152,6 +185,48 @@ class ShardWriter:
     def close(self) -> list[dict[str, Any]]:
         self._flush()
         self.buffer = None
+        return self.written
+
+
+class NativeShardWriter:
+    """Writes images of any size as pixel and index shards (see the module's docstring), at most
+    `shard_size` images per shard: memory bounded by one shard's pixels."""
+
+    def __init__(self, out: Path, shard_size: int):
+        self.out, self.shard_size = out, shard_size
+        self.pixels: list[np.ndarray] = []
+        self.sizes: list[np.ndarray] = []
+        self.buffered = 0
+        self.rows = 0
+        self.written: list[dict[str, Any]] = []
+
+    def add(self, decoded: tuple[np.ndarray, np.ndarray]) -> None:
+        """One decoded chunk: (flat pixels of its images, their (height, width, channels))."""
+        pixels, sizes = decoded
+        lengths = sizes.prod(axis=1)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        for i in range(len(sizes)):
+            self.pixels.append(pixels[starts[i]:starts[i + 1]])
+            self.sizes.append(sizes[i, :2])
+            self.buffered += 1
+            if self.buffered == self.shard_size:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffered:
+            return
+        number = len(self.written) // 2
+        lengths = np.array([len(p) for p in self.pixels], dtype=np.int64)
+        index = np.column_stack([np.concatenate([[0], np.cumsum(lengths)[:-1]]), np.stack(self.sizes)])
+        for prefix, array in (("pixels", np.concatenate(self.pixels)), ("index", index.astype(np.int64))):
+            path = self.out / f"{prefix}-{number:05d}.npy"
+            np.save(path, array)
+            self.written.append({"file": path.name, "rows": self.buffered, "sha256": storage.sha256_file(path)})
+        self.rows += self.buffered
+        self.pixels, self.sizes, self.buffered = [], [], 0
+
+    def close(self) -> list[dict[str, Any]]:
+        self._flush()
         return self.written
 
 

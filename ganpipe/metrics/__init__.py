@@ -226,6 +226,11 @@ def _cas(ctx: EvalContext) -> dict[str, Any]:
     return cas(data, fake, seed=ctx.seed)
 
 
+def _super_resolution(ctx: EvalContext) -> dict[str, Any]:
+    raise MetricUnavailable("psnr and ssim measure a super-resolution model (model.family srgan) on its run's "
+                            "held-out images: evaluate the run (the pipeline's evaluate task)")
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -245,6 +250,9 @@ METRICS: dict[str, Metric] = {
     "fd_domain": Metric("fd_domain", False, _fd_domain,
                         "Fréchet distance on features of a small network trained on this dataset (not FID)",
                         "domain"),
+    "psnr": Metric("psnr", True, _super_resolution, "super-resolution: PSNR (dB) on held-out images, border "
+                   "cropped by the scale, Y channel by default; psnr_bicubic beside it"),
+    "ssim": Metric("ssim", True, _super_resolution, "super-resolution: SSIM on held-out images (as psnr)"),
 }
 
 

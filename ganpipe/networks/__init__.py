@@ -27,15 +27,19 @@ from .resnet import check as check_resnet
 from .sampling import generate, latents_for_seeds, pad_rows
 from .space import from_network_space, images_to_network_space, to_network_space, vectors_to_network_space
 from .spec import NetworkSpec
+from .srgan import SRDiscriminator, SRResNetGenerator
+from .srgan import check as check_srgan
 
 FAMILIES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "dcgan": (DCGANGenerator, DCGANDiscriminator),
     "mlp": (MLPGenerator, MLPDiscriminator),
     "resnet": (ResNetGenerator, ResNetDiscriminator),
     "r3gan": (R3GANGenerator, R3GANDiscriminator),
+    "srgan": (SRResNetGenerator, SRDiscriminator),  # image-to-image: NetworkSpec.image_to_image
 }
 # What a family checks in a spec before building (its constructors make the same checks).
-FAMILY_CHECKS: dict[str, Callable[[NetworkSpec], None]] = {"resnet": check_resnet, "r3gan": check_r3gan}
+FAMILY_CHECKS: dict[str, Callable[[NetworkSpec], None]] = {"resnet": check_resnet, "r3gan": check_r3gan,
+                                                            "srgan": check_srgan}
 
 
 def _family(spec: NetworkSpec) -> tuple[type[nn.Module], type[nn.Module]]:
@@ -63,7 +67,7 @@ def build_discriminator(spec: NetworkSpec) -> nn.Module:
 
 __all__ = [
     "FAMILIES", "DCGANDiscriminator", "DCGANGenerator", "MLPDiscriminator", "MLPGenerator", "NetworkSpec",
-    "R3GANDiscriminator", "R3GANGenerator", "ResNetDiscriminator", "ResNetGenerator", "build_discriminator",
+    "R3GANDiscriminator", "R3GANGenerator", "ResNetDiscriminator", "ResNetGenerator", "SRDiscriminator", "SRResNetGenerator", "build_discriminator",
     "build_generator", "check_spec", "from_network_space", "generate", "images_to_network_space",
     "latents_for_seeds", "pad_rows", "to_network_space", "vectors_to_network_space",
 ]

@@ -80,6 +80,8 @@ def generate(generator: nn.Module, spec: NetworkSpec, seeds: list[int], labels: 
     kernels (MKL, oneDNN) choose their blocking, and so their summation order, by the batch's
     shape, so a row generated alone could differ in the last bit from the same row in a batch of
     300. With one shape, a sample is bit-identical however many rows are generated with it."""
+    if spec.image_to_image:
+        raise ValueError(f"a {spec.family} generator maps images to images: it does not sample from seeds")
     if spec.conditional and labels is None:
         raise ValueError("a conditional generator needs one label per seed")
     outputs = []

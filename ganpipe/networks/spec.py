@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+SR_FIELDS = ("scale", "sr_blocks", "sr_batch_norm")
+
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    family: str  # a key of ganpipe.networks.FAMILIES: mlp | dcgan | resnet | r3gan
+    family: str  # a key of ganpipe.networks.FAMILIES: mlp | dcgan | resnet | r3gan | srgan
     sample_shape: tuple[int, ...]  # (C, H, W) for images, (D,) for vectors
     latent_dim: int
     num_classes: int = 0  # 0: unconditional
@@ -25,6 +27,9 @@ class NetworkSpec:
     r3gan_expansion: int = 2  # r3gan: inverted bottleneck's expansion factor
     r3gan_group_size: int = 16  # r3gan: channels per group of the grouped 3x3 convolution
     r3gan_blocks: int = 2  # r3gan: residual blocks per resolution
+    scale: int = 1  # srgan: the upscaling factor (1: every other family, which generates from latents)
+    sr_blocks: int = 16  # srgan: residual blocks of the generator
+    sr_batch_norm: bool = False  # srgan: batch norm in the generator's residual blocks
     # For vector data: the statistics that map the generator's standardised output back to data units.
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
@@ -36,15 +41,28 @@ class NetworkSpec:
         return len(self.sample_shape) == 3
 
     @property
+    def image_to_image(self) -> bool:
+        """The generator maps an image (`scale` times smaller than sample_shape) to an image,
+        rather than a latent to a sample: sampling from noise does not apply to it."""
+        return self.scale > 1
+
+    def input_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """An image-to-image generator's input for an output of height x width."""
+        return (self.sample_shape[0], height // self.scale, width // self.scale)
+
+    @property
     def conditional(self) -> bool:
         return self.num_classes > 0
 
     def to_json(self) -> dict[str, Any]:
         """The spec as plain JSON. A field added after the first format is left out while it holds
-        its default: a spec that does not use it is byte-for-byte what older versions wrote, so
-        its sha256, the export marker that embeds it and old registered versions all still match
-        (tests/test_compat.py). Such a field's default therefore never changes."""
-        return {k: v for k, v in asdict(self).items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        its default (the super-resolution ones: unless the family is srgan): a spec that does not
+        use it is byte-for-byte what older versions wrote, so its sha256, the export marker that
+        embeds it and old registered versions all still match (tests/test_compat.py). Such a
+        field's default therefore never changes."""
+        kept = set(SR_FIELDS) if self.image_to_image else set()
+        return {k: v for k, v in asdict(self).items()
+                if k in kept or not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NetworkSpec:
@@ -56,4 +74,4 @@ class NetworkSpec:
 
 # Fields added to NetworkSpec after its first format, with their defaults (see to_json).
 LATER_FIELDS: dict[str, Any] = {"attention_resolution": 0, "r3gan_expansion": 2, "r3gan_group_size": 16,
-                                "r3gan_blocks": 2}
+                                "r3gan_blocks": 2, "scale": 1, "sr_blocks": 16, "sr_batch_norm": False}
