@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ganpipe import schedules, storage
-from ganpipe.config import Config, ModelConfig, TrainConfig, config_from_yaml_text
+from ganpipe.config import Config, config_from_yaml_text
 from ganpipe.errors import UserError, shorten
 
 # `final_generator` only picks which saved EMA becomes the run's generator.
@@ -32,29 +32,37 @@ BOOKKEEPING = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sa
                "final_generator"}
 
 
-# Keys added to these sections after the first run-identity format count only when set to
-# something other than their default: a config that does not use them names the same run it
-# named before they existed (tests/test_compat.py resumes such a run).
-LATER_KEYS = {
-    "model": {"attention_resolution", "r3gan_blocks", "r3gan_expansion", "r3gan_group_size"},
-    "train": {"ada_interval", "ada_kimg", "ada_target", "ada_target_final", "anneal_steps", "augment",
-              "beta2_final", "gamma_decay", "gamma_final_ratio", "r2_gamma", "reg_every"},
+# The keys of each section when run identities were first defined. Any key added since counts
+# only when set to something other than its default: a config that does not use it names the
+# same run it named before the key existed (tests/test_compat.py resumes such a run). Never edit.
+FIRST_FORMAT_KEYS = {
+    "data": {"cache", "channels", "classes", "columns", "config_name", "image_column", "kind", "label_column",
+             "max_records", "on_bad_record", "resize", "resolution", "revision", "shard_size", "source", "split"},
+    "model": {"conditional", "d_conditioning", "d_norm", "d_width", "family", "g_conditioning", "g_width",
+              "latent_dim", "mlp_layers", "pack", "spectral_norm"},
+    "train": {"accelerate_config", "adaptive_d_threshold", "adaptive_g_threshold", "batch_size", "best_metric",
+              "best_num_samples", "betas", "channels_last", "checkpoint_every", "compile", "cpu", "d_lr", "d_steps",
+              "ema_decay", "final_generator", "g_lr", "gp_weight", "grad_accum", "keep_checkpoints", "log_every",
+              "loss", "lr_decay", "lr_decay_start", "mixed_precision", "num_machines", "num_processes", "r1_gamma",
+              "run_name", "sample_every", "schedule", "steps"},
 }
 
 
 def run_identity(cfg: Config) -> str:
     raw = cfg.to_dict()
-    defaults = {"model": ModelConfig().model_dump(mode="json"), "train": TrainConfig().model_dump(mode="json")}
+    defaults = Config(data={"source": cfg.data.source}).to_dict()
     # A schedule that follows train.steps makes the steps part of the trajectory.
     bookkeeping = BOOKKEEPING - ({"steps"} if schedules.follows_steps(cfg.train) else set())
-    model = {**raw["model"], "g_conditioning": cfg.model.g_conditioning_used()}  # `auto` names what it builds
-    train = {k: v for k, v in raw["train"].items() if k not in bookkeeping}
-    sections = {"model": model, "train": train}
+    sections = {
+        "data": raw["data"],
+        "model": {**raw["model"], "g_conditioning": cfg.model.g_conditioning_used()},  # `auto`: what it builds
+        "train": {k: v for k, v in raw["train"].items() if k not in bookkeeping},
+    }
     for name, section in sections.items():
-        for key in LATER_KEYS[name]:
-            if key in section and section[key] == defaults[name][key]:
+        for key in set(section) - FIRST_FORMAT_KEYS[name]:
+            if section[key] == defaults[name][key]:
                 del section[key]
-    identity = {"seed": raw["seed"], "data": raw["data"], **sections}
+    identity = {"seed": raw["seed"], **sections}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
