@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ganpipe.config import load_config
+from ganpipe.config_files import load_config
 from ganpipe.launch import prepared_run
 from ganpipe.losses import d_logistic, g_non_saturating
 from ganpipe.networks import build_discriminator, build_generator, to_network_space

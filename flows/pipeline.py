@@ -22,7 +22,8 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from ganpipe import network, tracking
-from ganpipe.config import Config, load_config
+from ganpipe.config import Config
+from ganpipe.config_files import load_config
 from ganpipe.errors import EvaluationFailed, StageError, UserError
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ganpipe import network
-from ganpipe.config import CommandConfig, Config, load_command_config, load_config
+from ganpipe.config import CommandConfig, Config
+from ganpipe.config_files import load_command_config, load_config
 from ganpipe.errors import LINE_CHARS, EvaluationFailed, Failure, StageError, UserError, shorten
 
 

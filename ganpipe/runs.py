@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ganpipe import schedules, storage
-from ganpipe.config import Config, config_from_yaml_text
+from ganpipe.config import Config
+from ganpipe.config_files import config_from_yaml_text
 from ganpipe.errors import UserError, shorten
 
 # `final_generator` only picks which saved EMA becomes the run's generator.

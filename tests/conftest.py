@@ -155,7 +155,7 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtur
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 20-step DCGAN run on 16x16 digits, trained once per session in its own home.
     Tests may read it, never modify it (copy it first)."""
-    from ganpipe.config import load_config
+    from ganpipe.config_files import load_config
     from ganpipe.launch import launch_training
 
     home = tmp_path_factory.mktemp("tiny-run-home")
@@ -169,7 +169,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Like tiny_run, but a conditional DCGAN (10 digit classes)."""
-    from ganpipe.config import load_config
+    from ganpipe.config_files import load_config
     from ganpipe.launch import launch_training
 
     home = tmp_path_factory.mktemp("tiny-cond-home")

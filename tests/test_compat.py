@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import load_file
 
 from ganpipe import cli
-from ganpipe.config import ExportConfig, load_config
+from ganpipe.config import ExportConfig
+from ganpipe.config_files import load_config
 from ganpipe.data import ingest, open_prepared
 from ganpipe.export import export
 from ganpipe.generators import SHA_TAG, load_generator

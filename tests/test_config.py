@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ganpipe.config import Config, load_config
+from ganpipe.config import Config
+from ganpipe.config_files import load_config
 from ganpipe.errors import UserError
 from tests.conftest import ROOT, error_lines, run_cli, write_config
 

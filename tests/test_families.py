@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ganpipe.config import load_config
+from ganpipe.config_files import load_config
 from ganpipe.errors import UserError
 from ganpipe.generators import load_generator
 from ganpipe.networks import FAMILIES, NetworkSpec, build_discriminator, build_generator, check_spec, generate

@@ -28,7 +28,7 @@ from flows.pipeline import (
     train_task,
     training_pipeline,
 )
-from ganpipe.config import load_config
+from ganpipe.config_files import load_config
 from ganpipe.errors import EvaluationFailed
 from tests.conftest import TINY_DIGITS, write_config
 from tests.processes import process_running, training_processes

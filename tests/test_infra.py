@@ -266,7 +266,7 @@ def test_multinode_job_meets_at_machine_zero() -> None:
     assert home_volume["persistentVolumeClaim"]["claimName"] == base["PersistentVolumeClaim"]["metadata"]["name"]
 
     # The training config it mounts is a valid ganpipe config whose batch splits over every rank.
-    from ganpipe.config import config_from_yaml_text
+    from ganpipe.config_files import config_from_yaml_text
 
     assert volumes[mounts["/etc/ganpipe"]]["configMap"]["name"] == config["metadata"]["name"]
     cfg = config_from_yaml_text(config["data"]["train.yaml"], "ganpipe-train-config")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from ganpipe import cli, runs
-from ganpipe.config import NAME_RULE, load_config
+from ganpipe.config import NAME_RULE
+from ganpipe.config_files import load_config
 from ganpipe.errors import LINE_CHARS, UserError
 from tests.conftest import ROOT, error_lines, write_config
 
@@ -196,7 +197,7 @@ def test_config_larger_than_any_config(capsys, tmp_path: Path) -> None:
 
 def test_saved_config_reloads_strictly(config: Path) -> None:
     """A run's config.yaml is written without anchors, so it reloads under the strict loader."""
-    from ganpipe.config import config_from_yaml_text
+    from ganpipe.config_files import config_from_yaml_text
 
     cfg = load_config(config, ["data.classes=[a, b]", "eval.metrics=[fd_domain, kid]"])
     assert "&" not in cfg.to_yaml() and "*" not in cfg.to_yaml()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ganpipe import checkpoint, losses
-from ganpipe.config import load_config
+from ganpipe.config_files import load_config
 from tests.conftest import ROOT, TINY_DIGITS, error_lines, last_json, run_cli, write_config
 
 REAL = torch.tensor([2.0, -1.0, 0.5])
@@ -194,7 +194,7 @@ def test_penalties_are_fp32_under_bf16_autocast(name: str) -> None:
 
 FP32_UNDER_ACCELERATE = """
 import json, sys, torch
-from ganpipe.config import load_config
+from ganpipe.config_files import load_config
 from tests.fixtures import new_run_dir
 from ganpipe.losses import r1_penalty, r2_penalty
 from ganpipe.networks import build_discriminator

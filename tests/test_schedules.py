@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ganpipe import runs, schedules
-from ganpipe.config import TrainConfig, config_from_yaml_text, load_config
+from ganpipe.config import TrainConfig
+from ganpipe.config_files import config_from_yaml_text, load_config
 from ganpipe.errors import UserError
 from tests.conftest import TINY_DIGITS, error_lines, last_json, run_cli, write_config
 

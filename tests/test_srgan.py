@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ganpipe.config import load_config
+from ganpipe.config_files import load_config
 from ganpipe.data import ingest, open_prepared
 from ganpipe.data.pairs import (
     bicubic_downscale,

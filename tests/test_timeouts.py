@@ -150,7 +150,7 @@ def test_a_pipeline_task_does_not_retry_an_endpoint_that_did_not_answer() -> Non
 
 
 def test_budget_settings_are_validated_and_the_users_own_library_settings_win(tmp_path: Path) -> None:
-    from ganpipe.config import load_config
+    from ganpipe.config_files import load_config
 
     config = write_config(tmp_path / "c.yaml", "data:\n  source: builtin:digits\n")
     with pytest.raises(UserError, match=r"key 'storage.timeout_s'"):

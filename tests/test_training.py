@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ganpipe import checkpoint
-from ganpipe.config import load_config
+from ganpipe.config_files import load_config
 from ganpipe.errors import UserError
 from ganpipe.recipe import BatchSampler
 from ganpipe.trainer import update_ema
