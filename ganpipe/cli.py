@@ -299,8 +299,8 @@ def build_parser() -> Parser:
     p.add_argument("--num-processes", type=int,
                    help="eval.num_processes: extract features in N processes (devices) through accelerate "
                         f"(default {defaults.eval.num_processes})")
-    p.add_argument("--resolution", type=int, help="eval.resolution: when both sides are datasets "
-                   f"(default {defaults.eval.resolution})")
+    p.add_argument("--resolution", type=int, help="eval.resolution: when both sides are datasets, the size both "
+                   "are prepared at (default: the real data's own; a MODEL sets its own)")
     p.add_argument("--seed", type=int, help=f"the config's top-level seed (default {defaults.seed})")
     _add_json(p)
     p.set_defaults(func=cmd_evaluate)

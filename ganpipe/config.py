@@ -74,7 +74,8 @@ class DataConfig(_Section):
     image_column: str | None = None
     label_column: str | None = None
     classes: list[str] | None = Field(None, description="declared class names; other labels are bad records")
-    resolution: int = Field(32, ge=4, le=1024)
+    resolution: int | None = Field(32, ge=4, le=1024, description="images are resized to this square size; "
+                                   "null: each image's own size (square images of one size)")
     channels: Literal[1, 3] | None = Field(None, description="1 or 3; default: 1 when the images are grayscale")
     resize: Literal["center_crop", "pad", "stretch", "native"] = Field(
         "center_crop", description="how images become data.resolution px squares; native: kept at their own size "
@@ -248,8 +249,9 @@ class EvalConfig(_Section):
     bootstrap: int = Field(20, ge=0, description="bootstrap resamples for uncertainty (0: none)")
     num_processes: int = Field(1, ge=1, description="`ganpipe evaluate` and the evaluation flow: extract "
                                "features in this many processes (devices) through accelerate")
-    resolution: int = Field(64, ge=4, le=1024, description="`ganpipe evaluate` with datasets on both sides: the "
-                            "resolution both are prepared at (a MODEL side sets its own)")
+    resolution: int | None = Field(None, ge=4, le=1024, description="`ganpipe evaluate` with datasets on both "
+                                   "sides: the resolution both are prepared at; null: the real data's own "
+                                   "(a MODEL side sets its own)")
     sr_y_channel: bool = Field(True, description="srgan: psnr and ssim on the Y channel of RGB images (MATLAB's "
                                "and BasicSR's convention for published numbers); false: on RGB")
 

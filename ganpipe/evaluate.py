@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from ganpipe import runs, storage, tracking
 from ganpipe.config import Config, DataConfig
 from ganpipe.data import PreparedData, ingest, open_prepared
+from ganpipe.data.ingest import MixedSizes
 from ganpipe.data.pairs import holdout_split
 from ganpipe.errors import UserError
 from ganpipe.generators import is_model_ref, label_weights, load_generator
@@ -43,8 +44,16 @@ from ganpipe.workers import WorkerFailed, run_workers, worker_main
 SR_METRICS = ("psnr", "ssim")
 
 
-def _prepare_real(src: str, resolution: int, channels: int | None, endpoint_url: str | None) -> PreparedData:
-    result = ingest(DataConfig(source=src, resolution=resolution, channels=channels), endpoint_url)
+def _prepare_real(src: str, resolution: int | None, channels: int | None, endpoint_url: str | None
+                  ) -> PreparedData:
+    """`src` ingested at `resolution`, or at its images' own size when None (eval.resolution's
+    default: FID as torch-fidelity and pytorch-fid compute it on image folders, which resize only
+    to Inception's 299x299; an extra resize first would change the value)."""
+    try:
+        result = ingest(DataConfig(source=src, resolution=resolution, channels=channels), endpoint_url)
+    except MixedSizes as exc:
+        raise UserError(f"--resolution (eval.resolution): evaluating at the images' own size needs square "
+                        f"images of one size: {exc.detail}; pass --resolution N to evaluate at N x N") from None
     return open_prepared(result.location, endpoint_url)
 
 
@@ -60,13 +69,31 @@ def check_request(metrics: list[str], num_samples: int, inception_weights: str |
         raise UserError(f"{keys[1]} {inception_weights}: file not found")
 
 
+def require_standard_weights(metrics: list[str], inception_weights: str | None) -> None:
+    """When every requested metric needs the FID weights, missing or non-standard weights are bad
+    input (exit 2, one line saying how to provide them), found before any data is prepared. With
+    other metrics beside them, those still run and the Inception ones report why they could not."""
+    from ganpipe.metrics.inception import WeightsUnavailable, standard_weights
+
+    if not metrics or any(METRICS[m].extractor != "inception" for m in metrics):
+        return
+    try:
+        standard_weights(inception_weights)
+    except WeightsUnavailable as exc:
+        raise UserError(f"{', '.join(metrics)}: {exc}") from None
+
+
 def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int, *, bootstrap: int = 20,
                      inception_weights: str | None = None, resolution: int | None = None, seed: int = 0,
                      endpoint_url: str | None = None, num_processes: int = 1,
                      accelerator: Any | None = None) -> dict[str, Any]:
-    """`ganpipe evaluate --real SRC --fake SRC`. `resolution` (eval.resolution, which holds its
-    default) is the one both sides are prepared at when both are datasets."""
+    """`ganpipe evaluate --real SRC --fake SRC`. When both are datasets, both are prepared at
+    `resolution` (eval.resolution), by default the real data's own (the fake side is brought to
+    it). A MODEL is compared against the real data brought to the model's resolution. Every
+    metric sees the same samples, and reports the resolution they had."""
     check_request(metrics, num_samples, inception_weights)
+    if accelerator is None:
+        require_standard_weights(metrics, inception_weights)
     if num_processes > 1 and accelerator is None:
         request = {"real": real, "fake": fake, "metrics": metrics, "num_samples": num_samples, "bootstrap": bootstrap,
                    "inception_weights": inception_weights, "resolution": resolution, "seed": seed,
@@ -85,8 +112,6 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
             data = _prepare_real(real, shape[1], shape[0], endpoint_url)
             fake_samples: Any = GeneratedSamples(loaded, num_samples, seed + 1, label_weights(data, loaded.spec), device)
         else:
-            if resolution is None:
-                raise UserError("--resolution (eval.resolution): needed when both sides are datasets")
             data = _prepare_real(real, resolution, None, endpoint_url)
             fake_data = _prepare_real(fake, data.sample_shape[1], data.sample_shape[0], endpoint_url)
             fake_samples = RealSamples(fake_data, num_samples, seed + 1)

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from ganpipe.config import Config
 from ganpipe.launch import prepared_run
+from ganpipe.metrics import inception
 from ganpipe.metrics.inception import FEATURES
 
 # --- a stand-in Inception weights file, for machines without the real one (nothing downloads) ------
@@ -49,6 +52,14 @@ def write_random_weights(path: Path, seed: int = 0, calibration_images: int = 4)
     torch.save(state, tmp)
     tmp.replace(path)
     return path
+
+
+def accept_as_standard(monkeypatch: pytest.MonkeyPatch, weights: Path) -> Path:
+    """Make `weights` (a stand-in from write_random_weights) pass the standard-FID-weights check
+    for this test, in this process only: fid refuses any other file. A subprocess (run_cli)
+    would still refuse it, so tests that need it run the CLI in-process."""
+    monkeypatch.setattr(inception, "STANDARD_WEIGHTS_SHA256", hashlib.sha256(weights.read_bytes()).hexdigest())
+    return weights
 
 
 def new_run_dir(cfg: Config) -> Path:

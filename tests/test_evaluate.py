@@ -3,8 +3,9 @@ the same images and weights, reference statistics reused, fid failing clearly wi
 while the other metrics run, features gathered across two processes row for row, and CAS.
 
 No real FID weights here (nothing downloads): a file of random values in the exact layout stands
-in, calibrated so features do not vanish. InceptionV3 at 299x299 is slow on CPU, so the image
-sets are tiny.
+in, calibrated so features do not vanish, and is accepted as the standard file in-process only
+(tests.fixtures.accept_as_standard). InceptionV3 at 299x299 is slow on CPU, so the image sets
+are tiny.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import error_lines, last_json, run_cli, write_config
-from tests.fixtures import write_random_weights
+from tests.fixtures import accept_as_standard, write_random_weights
 
 pytestmark = pytest.mark.slow
 
@@ -66,17 +67,22 @@ def _evaluate(real: Path, fake: Path, *extra: str):
 
 
 def test_fid_equals_torch_fidelity_on_the_same_images_and_weights(random_weights: Path,
-                                                                   image_sets: tuple[Path, Path]) -> None:
+                                                                   image_sets: tuple[Path, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
     import torch_fidelity
 
     from ganpipe.metrics.inception import weights_only_loads
 
     real, fake = image_sets
-    proc = _evaluate(real, fake, "--metrics", "fid,kid,pr", "--num-samples", "11", "--bootstrap", "5",
-                     "--inception-weights", str(random_weights))
-    assert proc.returncode == 0, proc.stderr
-    ours = last_json(proc.stdout)
+    accept_as_standard(monkeypatch, random_weights)  # in this process: the CLI runs in-process
+    code, out, err = _evaluate_in_process(real, fake, "--metrics", "fid,kid,pr", "--num-samples", "11",
+                                          "--bootstrap", "5", "--inception-weights", str(random_weights),
+                                          capsys=capsys)
+    assert code == 0, err
+    ours = last_json(out)
     assert set(ours) == {"fid", "kid", "pr"}
+    assert {r["resolution"] for r in ours.values()} == {16}
     with weights_only_loads():
         theirs = torch_fidelity.calculate_metrics(input1=str(fake), input2=str(real), fid=True, cuda=False,
                                                   feature_extractor_weights_path=str(random_weights), cache=False,
@@ -98,6 +104,7 @@ def test_a_second_evaluation_reuses_the_reference_statistics(random_weights: Pat
     from ganpipe.evaluate import evaluate_sources
     from ganpipe.metrics.inception import InceptionFeatures
 
+    accept_as_standard(monkeypatch, random_weights)
     extracted: list[int] = []
     original_call = InceptionFeatures.__call__
 
@@ -154,9 +161,12 @@ def test_fid_without_weights_fails_clearly_while_other_metrics_run(
     assert "warning: fid skipped" in proc.stderr
     assert result["fd_domain"]["value"] > 0 and result["fd_domain"]["extractor"] == "autoencoder"
 
+    # Only metrics that need the weights: bad input, found before any data is prepared.
     code, out, err = _evaluate_in_process(real, fake, "--metrics", "fid,kid", "--num-samples", "11", capsys=capsys)
-    assert code == 1 and last_json(out)["kid"]["value"] is None
-    assert len(error_lines(err)) == 1 and "no metric could be computed" in error_lines(err)[0]
+    assert code == 2 and out == ""
+    assert len(error_lines(err)) == 1 and error_lines(err)[0].startswith(
+        "error: fid, kid: needs the InceptionV3 FID weights (pt_inception-2015-12-05-6726825d.pth)")
+    assert "--inception-weights FILE" in error_lines(err)[0]
 
     code, _, err = _evaluate_in_process(real, fake, "--metrics", "fid", "--inception-weights", "/nonexistent/w.pth",
                                         capsys=capsys)

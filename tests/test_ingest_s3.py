@@ -35,7 +35,7 @@ def parquet_bytes(images: np.ndarray, labels: list[int]) -> bytes:
     return buffer.getvalue()
 
 
-def test_s3_parquet_source_and_fingerprint_from_etags(s3: tuple[str, str]) -> None:
+def test_s3_parquet_source_and_fingerprint_of_its_bytes(s3: tuple[str, str]) -> None:
     endpoint, bucket = s3
     images = noise_images(20)
     labels = [i % 4 for i in range(20)]
@@ -49,7 +49,8 @@ def test_s3_parquet_source_and_fingerprint_from_etags(s3: tuple[str, str]) -> No
     assert np.array_equal(got, as_batch(images)) and got_labels.tolist() == labels
     assert ingest(cfg).cached
 
-    # Changed bytes under the prefix change the fingerprint (through the ETag), without a read.
+    # Changed bytes under the prefix change the fingerprint: the new ETag misses the listing cache
+    # and the objects are hashed again (tests/test_fingerprints.py: equal to the local files').
     before = resolve_source(cfg).fingerprint
     images[0, 0, 0] ^= 1
     _put(endpoint, bucket, "tables/part-0.parquet", parquet_bytes(images[:12], labels[:12]))

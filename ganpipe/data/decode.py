@@ -8,8 +8,10 @@ Preprocessing policy (documented in the README):
   greyscale is scaled into 8 bits (65535 -> 255) rather than clipped.
 - size: `center_crop` scales the shorter side to the resolution (bicubic, anti-aliased when
   shrinking) and crops the centre square; `pad` scales the longer side and pads with black;
-  `stretch` scales both sides, ignoring the aspect ratio.
-- native (model.family srgan): mode converted as above, size kept (decode_native_chunk).
+  `stretch` scales both sides, ignoring the aspect ratio. With no resolution given (native),
+  images keep their own size, untouched: they must then be square and all of one size.
+- native (model.family srgan, data.resize: native): mode converted as above, any size kept
+  (decode_native_chunk).
 - values: stored as uint8 0..255; the training loader maps them to [-1, 1].
 """
 
@@ -27,11 +29,15 @@ GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "F"}  # and the 16-bit modes, I;16
 CHANNEL_SAMPLE = 64  # records looked at to choose 1 or 3 channels when data.channels is not set
 
 
+OTHER_SIZE = "image size "  # a bad-record reason beginning so: a native-size image of another size
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     resolution: int
     channels: int
     resize: str  # center_crop | pad | stretch
+    native: bool = False  # the resolution is the images' own: one of another size is not resized
 
 
 Record = tuple[bytes | None, str | None]  # encoded bytes, or a local path the worker reads
@@ -100,6 +106,17 @@ def detect_channels(records: list[Record]) -> int:
         except Exception:  # noqa: BLE001 - bad records are reported by the main pass
             continue
     return 1
+
+
+def detect_size(records: list[Record]) -> tuple[int, int, int] | None:
+    """(position, width, height) of the first decodable record, or None when none decodes."""
+    for position, record in enumerate(records):
+        try:
+            image = open_image(*record)
+        except Exception:  # noqa: BLE001 - bad records are reported by the main pass
+            continue
+        return position, image.width, image.height
+    return None
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -204,7 +221,11 @@ def decode_chunk(records: list[Record], spec: ImageSpec) -> tuple[np.ndarray, li
             bad.append((position, "missing image"))
             continue
         try:
-            canvas.paste(preprocess(open_image(data, path), spec), (0, size * kept))
+            image = open_image(data, path)
+            if spec.native and image.size != (size, size):
+                bad.append((position, f"{OTHER_SIZE}{image.width}x{image.height}"))
+                continue
+            canvas.paste(preprocess(image, spec), (0, size * kept))
             kept += 1
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is this record's fault
             bad.append((position, _decode_error(data, path, exc)))

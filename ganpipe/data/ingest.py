@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ganpipe import network, storage
-from ganpipe.data.decode import CHANNEL_SAMPLE, ImageSpec, Record, detect_channels
+from ganpipe.data.decode import CHANNEL_SAMPLE, OTHER_SIZE, ImageSpec, Record, detect_channels, detect_size
 from ganpipe.data.labels import LABEL_NAMES, Labels, numeric
 from ganpipe.data.pool import PARALLEL_MIN_RECORDS, DecodePool, available_cpus, decode_tasks
 from ganpipe.data.prepared import NativeShardWriter, RunningStats, ShardWriter, combined_hash
@@ -49,6 +49,18 @@ if TYPE_CHECKING:  # decode workers import this package: keep their start-up lig
 
 PREPARED_FORMAT = 2  # bump when the layout or the preprocessing changes
 PARALLEL_MIN_BYTES = 1 << 20  # image sources this large start their workers before anything is read
+
+
+class MixedSizes(UserError):
+    """Images kept at their own size (data.resolution: null) must be square and of one size; this
+    one is not. `detail` names the source, the row and the sizes, so that a caller that chose the
+    native size under another setting (`ganpipe evaluate`'s eval.resolution) can name that one."""
+
+    def __init__(self, description: str, row: int, width: int, height: int, first: int | None):
+        why = "not square" if first is None else f"the first images are {first}x{first}"
+        self.detail = f"{description}: row {row} is {width}x{height} ({why})"
+        super().__init__(f"data.resolution: null (each image's own size) needs square images of one size: "
+                         f"{self.detail}; set data.resolution")
 
 
 @dataclass
@@ -302,6 +314,9 @@ class Preparer:
             images, bad = future.result()
             good = np.ones(len(rows), dtype=bool)
             for position, reason in bad:
+                if reason.startswith(OTHER_SIZE) and spec is not None:  # not a bad record: a setting's limit
+                    width, height = reason.removeprefix(OTHER_SIZE).split("x")
+                    raise MixedSizes(self.description, rows[position], int(width), int(height), spec.resolution)
                 self._bad(rows[position], reason)
                 good[position] = False
             writer.add(images)
@@ -315,8 +330,7 @@ class Preparer:
             label_ids = self._label_ids(labels, table, label_column, first_row, keep)
             records = self._fetch_remote([self._record(value) for value in table.column(image_column).to_pylist()])
             if spec is None:
-                spec = ImageSpec(self.cfg.resolution, self.cfg.channels or detect_channels(records),
-                                 self.cfg.resize)
+                spec = self._image_spec(records, first_row)
             kept = np.flatnonzero(keep)
             for part in decode_tasks(kept, records, spec):
                 in_flight.append((self.pool.submit([records[i] for i in part], spec),
@@ -329,8 +343,24 @@ class Preparer:
         if label_writer is not None:
             self.shards += label_writer.close()
         self.rows_in_shards = writer.rows
-        return {"kind": "image", "resolution": self.cfg.resolution, "resize": self.cfg.resize,
+        return {"kind": "image", "resolution": spec.resolution if spec else self.cfg.resolution,
+                "resize": self.cfg.resize,
                 "channels": spec.channels if spec else self.cfg.channels, "image_column": image_column}
+
+    def _image_spec(self, records: list[Record], first_row: int) -> ImageSpec:
+        """Channels and size from data.channels / data.resolution, or from the first images. A
+        native size (data.resolution: null) is the first decodable image's."""
+        channels = self.cfg.channels or detect_channels(records)
+        if self.cfg.resolution is not None:
+            return ImageSpec(self.cfg.resolution, channels, self.cfg.resize)
+        found = detect_size(records)
+        if found is None:
+            raise self._fail("data.resolution: null takes the size of the first images, and none of the first "
+                             f"{len(records)} rows decodes; set data.resolution")
+        position, width, height = found
+        if width != height:
+            raise MixedSizes(self.description, first_row + position, width, height, None)
+        return ImageSpec(width, channels, self.cfg.resize, native=True)
 
     def _record(self, value: Any) -> Record:
         """An image value (HF Image struct, raw bytes or a path) as (bytes, path); relative paths in

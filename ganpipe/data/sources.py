@@ -6,8 +6,10 @@ CSV files (a file, a glob or a folder of them), an image folder (labels from sub
 (scikit-learn's digits, written once as a local `save_to_disk` folder).
 
 Two steps, so that a cache hit never opens the data:
-- `resolve_source` lists the data files and fingerprints their content: hashed bytes locally, ETags
-  and sizes on S3 (no object is read), the resolved commit for hub ids. It never imports `datasets`.
+- `resolve_source` lists the data files and fingerprints their content: the sha256 of their bytes,
+  the same for the same files locally and on S3 (where an unchanged listing of ETags finds the hash
+  of an earlier read: see ganpipe.data.fingerprint), the resolved commit for hub ids (a hub
+  dataset's identity is its revision, not its bytes). It never imports `datasets`.
 - `open_dataset` opens them through `datasets`: file sources stream, `save_to_disk` folders are
   memory-mapped, so a dataset never has to fit in memory.
 """
@@ -19,7 +21,7 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -27,6 +29,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ganpipe import network, storage
+from ganpipe.data.fingerprint import (
+    cached_fingerprint,
+    content_fingerprint,
+    local_reader,
+    path_order,
+    remote_reader,
+)
 from ganpipe.errors import UserError
 
 if TYPE_CHECKING:  # `datasets` takes seconds to import; decode workers and cache hits never need it.
@@ -76,33 +85,57 @@ def resolve_source(cfg: DataConfig, endpoint_url: str | None = None) -> Source:
 def _resolve_local(path: Path, uri: str) -> Source:
     if path.is_dir() and any((path / name).exists() for name in SAVE_TO_DISK_MARKERS):
         # state.json carries a random per-write id; the data files and the schema are the content.
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "state.json")
-        return Source(uri, "save_to_disk", _hash_local_files(files, path), f"save_to_disk folder {path}",
-                      root=str(path), num_bytes=_size(files))
+        files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != "state.json"]
+        return Source(uri, "save_to_disk", content_fingerprint(files, local_reader(path)),
+                      f"save_to_disk folder {path}", root=str(path), num_bytes=_size(path, files))
     if path.is_dir():
-        # Tables first: a table may name image files kept beside it; an image folder's only table
-        # is its optional metadata.csv/.jsonl/.parquet (which _files_with leaves out).
-        tables = _files_with(path, TABLE_BUILDERS)
-        if tables:
-            return _table_source(uri, tables, path, str(path))
-        images = _files_with(path, IMAGE_EXTENSIONS)
-        if not images:
-            raise UserError(f"data.source: {path} holds no parquet, CSV or image files")
-        metadata = [p for p in path.rglob("metadata.*") if p.is_file()]
-        return Source(uri, "imagefolder", _hash_local_files(sorted(images + metadata), path), f"image folder {path}",
-                      files=[str(f) for f in images], root=str(path), num_bytes=_size(images))
-    files = sorted(Path(p) for p in glob.glob(str(path), recursive=True)) if glob.has_magic(str(path)) else [path]
-    files = [f for f in files if f.is_file()]
-    if not files:
+        layout = _layout([p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()], str(path))
+        return Source(uri, layout.format, content_fingerprint(layout.hashed, local_reader(path)),
+                      _describe(layout.format, str(path)), files=[str(path / f) for f in layout.files],
+                      root=str(path), num_bytes=_size(path, layout.files))
+    matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True)) if glob.has_magic(str(path)) else [path]
+    matched = [f for f in matched if f.is_file()]
+    if not matched:
         raise UserError(f"data.source: no files match {path}")
-    root = Path(os.path.commonpath([f.parent for f in files]))
-    return _table_source(uri, files, root, str(path))
+    root = Path(os.path.commonpath([f.parent for f in matched]))
+    files = [f.relative_to(root).as_posix() for f in matched]
+    builder = _table_builder(files, str(path))
+    return Source(uri, builder, content_fingerprint(files, local_reader(root)), _describe(builder, str(path)),
+                  files=[str(f) for f in matched], root=str(root), num_bytes=_size(root, files))
 
 
-def _table_source(uri: str, files: list[Path], root: Path, description: str) -> Source:
-    builder = _table_builder([str(f) for f in files], description)
-    return Source(uri, builder, _hash_local_files(files, root), f"{builder} files {description}",
-                  files=[str(f) for f in files], root=str(root), num_bytes=_size(files))
+@dataclass
+class Layout:
+    """What a folder or prefix holds: its format, the data files `datasets` reads, and the files
+    whose bytes are its content (the fingerprint): a table's image files beside it count too."""
+
+    format: str  # parquet | csv | imagefolder
+    files: list[str]  # relative paths, in path order
+    hashed: list[str]
+
+
+def _layout(relatives: list[str], description: str) -> Layout:
+    """One rule for local folders and S3 prefixes alike, so that the same files give the same
+    source and fingerprint wherever they are. Tables first: a table may name image files kept
+    beside it; an image folder's only table is its optional metadata.csv/.jsonl/.parquet.
+    Hidden files and folders (a leading dot) are not data."""
+    visible = sorted((r for r in relatives if not any(part.startswith(".") for part in r.split("/"))),
+                     key=path_order)
+
+    def having(extensions: Collection[str]) -> list[str]:
+        return [r for r in visible if PurePosixPath(r).suffix.lower() in extensions and PurePosixPath(r).stem != "metadata"]
+
+    tables, images = having(TABLE_BUILDERS), having(IMAGE_EXTENSIONS)
+    if tables:
+        return Layout(_table_builder(tables, description), tables, sorted({*tables, *images}, key=path_order))
+    if images:
+        metadata = [r for r in visible if PurePosixPath(r).name.startswith("metadata.")]
+        return Layout("imagefolder", images, sorted({*images, *metadata}, key=path_order))
+    raise UserError(f"data.source: {description} holds no parquet, CSV or image files")
+
+
+def _describe(builder: str, where: str) -> str:
+    return f"image folder {where}" if builder == "imagefolder" else f"{builder} files {where}"
 
 
 def _table_builder(files: list[str], description: str) -> str:
@@ -112,26 +145,8 @@ def _table_builder(files: list[str], description: str) -> str:
     return TABLE_BUILDERS[suffixes.pop()]
 
 
-def _files_with(root: Path, extensions) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                  and p.stem != "metadata" and not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-
-def _size(files: list[Path]) -> int:
-    return sum(Path(f).stat().st_size for f in files)
-
-
-def _hash_local_files(files: list[Path], root: Path) -> str:
-    """Hash of every file's path (relative to `root`, so the same data elsewhere hashes the same)
-    and bytes: any change to the input changes it."""
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(Path(f).relative_to(root).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
+def _size(root: Path, files: list[str]) -> int:
+    return sum((root / f).stat().st_size for f in files)
 
 
 # --- S3 -------------------------------------------------------------------------------------------
@@ -144,32 +159,43 @@ def _resolve_s3(uri: str, cfg: DataConfig, endpoint_url: str | None) -> Source:
     except (PermissionError, OSError) as exc:
         network.reraise_if_unreachable(exc)  # the endpoint's failure, not the source's (exit 1)
         raise UserError(f"data.source: cannot list {uri}: {exc}") from None
-    # S3 ETags are content hashes: listing them fingerprints the bytes without reading them.
-    entries = sorted((key, info.get("ETag") or info.get("etag") or "", info.get("size", 0))
-                     for key, info in listing.items() if not _hidden(key, root))
-    digest = hashlib.sha256("\n".join(f"{_relative(k, root)}\0{e}\0{s}" for k, e, s in entries).encode()).hexdigest()
-    keys = [key for key, _, _ in entries]
-    size = {key: s for key, _, s in entries}
-    images = [k for k in keys if PurePosixPath(k).suffix.lower() in IMAGE_EXTENSIONS]
-    tables = [k for k in keys if PurePosixPath(k).suffix.lower() in TABLE_BUILDERS and PurePosixPath(k).stem != "metadata"]
-    if tables:
-        builder = _table_builder(tables, uri)
-        return Source(uri, builder, digest, f"{builder} files {uri}", files=[f"s3://{k}" for k in tables],
-                      root=f"s3://{root}", num_bytes=sum(size[k] for k in tables))
-    if images:
+    if list(listing) == [root]:  # one object: like a local file, named relative to its folder
+        root, name = root.rsplit("/", 1)
+        layout = Layout(_table_builder([name], uri), [name], [name])
+    else:
+        layout = _layout([_relative(key, root) for key in listing], uri)
+    info = {_relative(key, root): value for key, value in listing.items()}
+    files = layout.files
+    if layout.format == "imagefolder":
         # Like a local image folder with split subfolders (train/, test/): keep data.split's.
-        images = [k for k in images if _relative(k, root).split("/", 1)[0] == cfg.split] or images
-        return Source(uri, "imagefolder", digest, f"image folder {uri}", files=[f"s3://{k}" for k in images],
-                      root=f"s3://{root}", num_bytes=sum(size[k] for k in images))
-    raise UserError(f"data.source: {uri} holds no parquet, CSV or image files")
+        files = [f for f in files if f.split("/", 1)[0] == cfg.split] or files
+    return Source(uri, layout.format, _s3_fingerprint(uri, fs, root, layout.hashed, info, endpoint_url),
+                  _describe(layout.format, uri), files=[f"s3://{root}/{f}" for f in files], root=f"s3://{root}",
+                  num_bytes=sum(info[f].get("size", 0) for f in files))
+
+
+def _s3_fingerprint(uri: str, fs: Any, root: str, hashed: list[str], info: dict[str, dict[str, Any]],
+                    endpoint_url: str | None) -> str:
+    """The content hash of the objects' bytes (as for local files), found from their listing
+    (ETags and sizes) when the same listing was hashed before."""
+    sizes = {r: int(info[r].get("size") or 0) for r in hashed}
+    etags = {r: info[r].get("ETag") or info[r].get("etag") for r in hashed}
+    endpoint = storage.s3_options(endpoint_url).get("client_kwargs", {}).get("endpoint_url")
+    cheap_key = None if not all(etags.values()) else {
+        "source": f"s3://{root}", "endpoint": endpoint, "objects": [[r, etags[r], sizes[r]] for r in hashed]}
+
+    def compute() -> str:
+        try:
+            return content_fingerprint(hashed, remote_reader(fs, root, sizes))
+        except (PermissionError, OSError) as exc:
+            network.reraise_if_unreachable(exc)
+            raise UserError(f"data.source: cannot read {uri}: {exc}") from None
+
+    return cached_fingerprint(cheap_key, compute)
 
 
 def _relative(key: str, root: str) -> str:
     return key[len(root):].lstrip("/") if key.startswith(root) else key
-
-
-def _hidden(key: str, root: str) -> bool:
-    return any(part.startswith(".") for part in _relative(key, root).split("/"))
 
 
 # --- the Hugging Face hub -------------------------------------------------------------------------

@@ -142,16 +142,16 @@ class EvalContext:
 # --- feature extractors ----------------------------------------------------------------------------
 
 def _inception(ctx: EvalContext) -> Any:
-    from ganpipe.metrics.inception import InceptionFeatures, WeightsMissing, resolve_weights
+    from ganpipe.metrics.inception import InceptionFeatures, WeightsUnavailable, standard_weights
 
     if ctx.real.data.kind != "image":
         raise MetricUnavailable("Inception features need image data")
-    try:
-        weights = resolve_weights(ctx.inception_weights)
-    except WeightsMissing as exc:
-        raise MetricUnavailable(str(exc)) from None
     with main_process_first(ctx.accelerator):  # hash and load once from a cold disk, then the others
-        return InceptionFeatures(weights, ctx.device)
+        try:
+            weights, sha256 = standard_weights(ctx.inception_weights)
+        except WeightsUnavailable as exc:
+            raise MetricUnavailable(str(exc)) from None
+        return InceptionFeatures(weights, ctx.device, sha256=sha256)
 
 
 def _domain(ctx: EvalContext) -> Any:
@@ -271,6 +271,8 @@ def evaluate(ctx: EvalContext, names: list[str]) -> dict[str, dict[str, Any]]:
     if ctx.fake.num_samples < world or ctx.real.num_samples < world:
         raise UserError(f"--num-samples: at least one sample per process ({world}) is needed")
     results: dict[str, dict[str, Any]] = {}
+    # Both sides have the real data's size (see ganpipe.evaluate): said in every metric's result.
+    shown = {"resolution": ctx.real.data.sample_shape[1]} if ctx.real.data.kind == "image" else {}
     for name in names:
         metric = METRICS[name]
         try:
@@ -278,9 +280,9 @@ def evaluate(ctx: EvalContext, names: list[str]) -> dict[str, dict[str, Any]]:
                 ctx.features(metric.extractor, ctx.real)
                 ctx.features(metric.extractor, ctx.fake)
             if rank == 0:
-                results[name] = metric.compute(ctx)
+                results[name] = metric.compute(ctx) | shown
         except MetricUnavailable as exc:
             if rank == 0:
                 print(f"warning: {name} skipped: {exc}", file=sys.stderr)
-            results[name] = {"value": None, "uncertainty": None, "error": str(exc)}
+            results[name] = {"value": None, "uncertainty": None, "error": str(exc)} | shown
     return results if rank == 0 else {}

@@ -10,6 +10,11 @@ in batches.
 ganpipe never downloads the weights. They come from, in order: --inception-weights FILE (or
 config eval.inception_weights), $GANPIPE_INCEPTION_WEIGHTS, or the cache a torch-fidelity,
 torchmetrics or pytorch-fid download would have filled ($TORCH_HOME/hub/checkpoints/).
+
+Only the standard file is used, recognised by its sha256: a number called `fid` (and `kid`, `pr`,
+which are defined on the same features) always means the standard one. Another file (other
+weights, a truncated download, a stand-in) is refused with a message saying how to get the right
+one, rather than reported under a name it does not deserve.
 """
 
 from __future__ import annotations
@@ -30,22 +35,40 @@ WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.
                "weights-inception-2015-12-05-6726825d.pth")
 # torch-fidelity / torchmetrics name, then pytorch-fid's name for the same converted weights.
 WEIGHTS_FILENAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+# sha256 of the standard FID weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth, which is
+# also torch-fidelity's weights-inception-2015-12-05-6726825d.pth (95,628,359 bytes; torch.hub
+# names files NAME-<first 8 hex digits of their sha256>, hence "6726825d" in both names). The full
+# digest is the one projects pinning this file record, e.g. genforce's Inception model
+# (`_MODEL_URL_SHA256['tf_inception_v3']`); ganpipe never downloads, so it was not recomputed here.
+STANDARD_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 FEATURES = 2048
 PREPROCESSING = "uint8-rgb-tf1bilinear299"  # part of the cache key: change it when the input path changes
 
 
-class WeightsMissing(RuntimeError):
-    """No weights file anywhere ganpipe looks; the message says how to provide one."""
+class WeightsUnavailable(RuntimeError):
+    """No usable weights file; the message says how to provide one."""
+
+
+class WeightsMissing(WeightsUnavailable):
+    """No weights file anywhere ganpipe looks."""
+
+
+class WeightsNotStandard(WeightsUnavailable):
+    """A weights file whose sha256 is not the standard FID weights'."""
 
 
 def download_cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def how_to_provide() -> str:
+    return ("pass --inception-weights FILE, set eval.inception_weights or GANPIPE_INCEPTION_WEIGHTS, "
+            f"or put the file in {download_cache_dir()}/ (get it from {WEIGHTS_URL})")
+
+
 def missing_weights_message() -> str:
     return ("needs the InceptionV3 FID weights (pt_inception-2015-12-05-6726825d.pth) and ganpipe never "
-            "downloads: pass --inception-weights FILE, set eval.inception_weights or GANPIPE_INCEPTION_WEIGHTS, "
-            f"or put the file in {download_cache_dir()}/ (get it from {WEIGHTS_URL})")
+            f"downloads: {how_to_provide()}")
 
 
 def resolve_weights(explicit: str | None = None) -> Path:
@@ -61,6 +84,19 @@ def resolve_weights(explicit: str | None = None) -> Path:
         if (download_cache_dir() / name).is_file():
             return download_cache_dir() / name
     raise WeightsMissing(missing_weights_message())
+
+
+def standard_weights(explicit: str | None = None) -> tuple[Path, str]:
+    """The weights file to use and its sha256, when it is the standard one; else WeightsMissing
+    or WeightsNotStandard, whose message names the file and says how to provide the right one."""
+    path = resolve_weights(explicit)
+    sha256 = storage.sha256_file(path)
+    if sha256 != STANDARD_WEIGHTS_SHA256:
+        raise WeightsNotStandard(
+            f"inception weights {path}: not the standard FID weights (its sha256 is {sha256[:16]}..., "
+            f"pt_inception-2015-12-05-6726825d.pth's is {STANDARD_WEIGHTS_SHA256[:16]}...), and fid, kid and pr "
+            f"are defined on those only: {how_to_provide()}")
+    return path, sha256
 
 
 @contextmanager
@@ -94,9 +130,10 @@ def load_network(weights: Path) -> nn.Module:
 class InceptionFeatures:
     """Feature function: uint8 NHWC batches -> float32 (N, 2048) pool3 features."""
 
-    def __init__(self, weights: Path, device: torch.device | str = "cpu", batch_size: int | None = None):
+    def __init__(self, weights: Path, device: torch.device | str = "cpu", batch_size: int | None = None,
+                 sha256: str | None = None):
         self.weights = weights
-        self.sha256 = storage.sha256_file(weights)
+        self.sha256 = sha256 or storage.sha256_file(weights)  # given when the caller hashed it already
         self.device = torch.device(device)
         self.network = load_network(weights).to(self.device)
         self.batch_size = batch_size or (200 if self.device.type == "cuda" else 64)
