@@ -118,10 +118,12 @@ def _save(image: Image.Image, path: Path) -> None:
     image.save(path)
 
 
-def png_data_uri(path: Path, max_side: int = 512) -> str:
+def png_data_uri(path: Path, max_side: int = 512, min_side: int = 256) -> str:
     """A picture as a `data:image/png;base64,...` URI, downscaled to at most `max_side` pixels a
     side: Prefect's UI renders such URIs in markdown artifacts but serves no files, and every
-    artifact is stored in its database and sent whole to each browser that opens it."""
+    artifact is stored in its database and sent whole to each browser that opens it. A browser
+    shows it at its own size, so a smaller one is enlarged by a whole factor to `min_side`
+    (nearest neighbour: a 16 px sample stays sharp, and PNG compresses the repeats)."""
     import base64
     import io
 
@@ -129,6 +131,9 @@ def png_data_uri(path: Path, max_side: int = 512) -> str:
     image.load()
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    elif max(image.size) < min_side:
+        factor = math.ceil(min_side / max(image.size))
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -20,7 +20,7 @@ from uuid import UUID
 import pytest
 
 from tests.conftest import ROOT, TINY_DIGITS, free_port, last_json, run_cli, wait_for_http, write_config
-from tests.processes import training_processes
+from tests.processes import start_logged, stop_process, training_processes
 from tests.test_flows import (
     alive,
     artifacts,
@@ -50,20 +50,6 @@ class Stack:
     logs: Path
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("orchestration")
@@ -73,13 +59,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    server = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                     "--no-ui"], env, root / "server.log")
+    server = start_logged([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                           str(port), "--no-ui"], env, root / "server.log", ROOT)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=240)
         yield Stack(env, write_config(root / "tiny.yaml", TINY_DIGITS + DEPLOY), root / "ganpipe-home", root)
     finally:
-        _stop(server)
+        stop_process(server)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +77,12 @@ def deployed(stack: Stack) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def worker(stack: Stack, deployed: dict[str, Any]) -> Iterator[None]:
-    proc = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", deployed["work_pool"]],
-                  stack.env, stack.logs / "worker.log")
+    proc = start_logged([sys.executable, "-m", "prefect", "worker", "start", "--pool", deployed["work_pool"]],
+                        stack.env, stack.logs / "worker.log", ROOT)
     try:
         yield
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture
