@@ -118,22 +118,28 @@ def _save(image: Image.Image, path: Path) -> None:
     image.save(path)
 
 
-def png_data_uri(path: Path, max_side: int = 512, min_side: int = 256) -> str:
-    """A picture as a `data:image/png;base64,...` URI, downscaled to at most `max_side` pixels a
-    side: Prefect's UI renders such URIs in markdown artifacts but serves no files, and every
-    artifact is stored in its database and sent whole to each browser that opens it. A browser
-    shows it at its own size, so a smaller one is enlarged by a whole factor to `min_side`
-    (nearest neighbour: a 16 px sample stays sharp, and PNG compresses the repeats)."""
+def png_data_uri(path: Path, max_side: int = 512, min_side: int = 256, max_bytes: int = 200_000) -> str:
+    """A picture as a `data:image/png;base64,...` URI: Prefect's UI renders such URIs in markdown
+    artifacts but serves no files. Every artifact is stored in Prefect's database and sent whole
+    to each browser that opens it, so the picture is shrunk to at most `max_side` pixels a side,
+    and further (by 3/4 at a time) until its PNG is at most `max_bytes`: detailed colour samples
+    compress poorly. A browser shows it at its own size, so a smaller one is enlarged by a whole
+    factor to `min_side` (nearest neighbour: a 16 px sample stays sharp, and PNG compresses the
+    repeats)."""
     import base64
     import io
 
     image = Image.open(path)
     image.load()
-    if max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    elif max(image.size) < min_side:
+    if max(image.size) < min_side:
         factor = math.ceil(min_side / max(image.size))
         image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    side = min(max(image.size), max_side)
+    while True:
+        if max(image.size) > side:
+            image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+        if buffer.tell() <= max_bytes or side <= 64:
+            return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        side = side * 3 // 4

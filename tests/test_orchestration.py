@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT, TINY_DIGITS, free_port, last_json, run_cli, wait_for_http, write_config
 from tests.processes import start_logged, stop_process, training_processes
@@ -30,6 +32,7 @@ from tests.test_flows import (
     task_runs,
     wait_for,
 )
+from tests.test_prefect_summary import pictures
 
 pytestmark = pytest.mark.slow
 
@@ -200,6 +203,13 @@ def test_triggered_pipeline_completes_with_artifacts(stack: Stack, worker: None,
     assert f"| fd_domain | {rows[0]['value']:.4g} | ± {rows[0]['uncertainty']:.3g} |" in summary
     assert "- export: not configured" in summary
     assert f"MLflow run `{version.run_id}`" in summary
+    # The picture a person scanning runs sees: the version's registered grid (146 px, shown 2x).
+    assert "- uplift" not in summary and "accuracy against synthetic ratio" not in summary  # not computed
+    shown = pictures(summary)
+    assert list(shown) == ["samples of tiny-digits v1"]
+    registered = registry.download_artifacts(version.run_id, "registry/v1/samples.png", str(stack.logs))
+    grid = np.asarray(Image.open(registered).convert("RGB"))
+    assert grid.shape == (146, 146, 3) and np.array_equal(shown["samples of tiny-digits v1"], grid.repeat(2, 0).repeat(2, 1))
 
 
 def test_cancelling_a_flow_run_kills_every_training_process(worker: None, client: Any) -> None:

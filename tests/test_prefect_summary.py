@@ -82,7 +82,7 @@ def test_summary_shows_uplift_best_ratio_and_both_pictures(tmp_path: Path) -> No
     assert len(markdown) < 60_000, "small enough to store in Prefect's database and send to every viewer"
 
 
-def test_pictures_are_kept_between_256_and_512_px(tmp_path: Path) -> None:
+def test_pictures_are_kept_small_and_big_enough_to_see(tmp_path: Path) -> None:
     small, large = digit_grid(tmp_path / "small.png", side=8), digit_grid(tmp_path / "large.png", side=128)
     assert Image.open(small).size == (82, 82) and Image.open(large).size == (1042, 1042)
     shown_small = pictures(summary_markdown(make_summary(small, None), []))["samples of tiny-digits v3"]
@@ -90,6 +90,13 @@ def test_pictures_are_kept_between_256_and_512_px(tmp_path: Path) -> None:
     assert shown_small.shape == (328, 328, 3)  # 4x, pixel for pixel
     assert np.array_equal(shown_small[::4, ::4], rgb(small))
     assert shown_large.shape == (512, 512, 3)
+    # Colour noise compresses worst: it is shrunk until its PNG fits in 200 KB.
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (64, 64, 64, 3), dtype=np.uint8))
+    save_grid(noise, tmp_path / "noise.png")
+    markdown = summary_markdown(make_summary(tmp_path / "noise.png", None), [])
+    encoded = DATA_URI.search(markdown).group(2)
+    assert len(base64.b64decode(encoded)) <= 200_000
+    assert 128 < pictures(markdown)["samples of tiny-digits v3"].shape[0] < 512
 
 
 def test_summary_without_uplift_or_grid_has_no_pictures(tmp_path: Path) -> None:
