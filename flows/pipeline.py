@@ -217,6 +217,7 @@ def training_pipeline(config_path: str, overrides: list[str] | None = None) -> d
         "aliases": registered["aliases"], "decision": registered["decision"],
         "metrics": evaluation["metrics"], "export": exported, "run_dir": trained["run_dir"],
         "mlflow_run_id": trained.get("mlflow_run_id"), "data_fingerprint": data["fingerprint"],
+        "sample_grid": registered.get("sample_grid"),
     }
     publish_summary(summary)
     return summary
@@ -265,15 +266,63 @@ def export_line(export: dict[str, Any] | None) -> str:
     return f"`{export['out']}` ({export['num_images']} rows, manifest `{export['manifest']}`)"
 
 
-def publish_summary(summary: dict[str, Any]) -> None:
-    rows = publish_metrics_table(summary["metrics"])
-    markdown = "\n".join([
+def uplift_line(uplift: dict[str, Any] | None) -> list[str]:
+    """What the synthetic data is worth to a downstream classifier, in one line (none when the
+    pipeline did not compute `uplift`)."""
+    if not uplift:
+        return []
+    if uplift.get("value") is None:
+        return [f"- uplift: n/a ({uplift.get('error') or 'not computed'})"]
+    best = uplift.get("best_ratio")
+    at_best = next((r for r in uplift.get("ratios") or [] if r.get("ratio") == best), {})
+    real = (uplift.get("real_only") or {}).get("mean")
+    accuracies = f" (held-out accuracy {_fmt(real, '.1%')} real only, {_fmt(at_best.get('accuracy_mean'), '.1%')} at best)"
+    return [f"- uplift: {uplift['value']:+.4g} ± {_fmt(uplift.get('uncertainty'), '.3g')} accuracy; best ratio: "
+            f"{'none' if best is None else f'{best:g}x synthetic rows per real row'}"
+            + (accuracies if real is not None else "")]
+
+
+def summary_pictures(summary: dict[str, Any]) -> list[str]:
+    """The version's sample grid and, with `uplift`, accuracy against the synthetic ratio, embedded
+    as data: URIs (Prefect serves no files; its UI renders data:image/ sources in markdown). A
+    picture that cannot be made is named, not fatal: the version is registered by now."""
+    import tempfile
+
+    from ganpipe.previews import png_data_uri, save_uplift_plot  # torch: loaded when a flow runs
+
+    lines = []
+    grid, uplift = summary.get("sample_grid"), (summary["metrics"].get("uplift") or {})
+    if grid:
+        try:
+            lines += [f"**Samples of v{summary['version']}** (seeds 0-63, the grid logged with the version)", "",
+                      f"![samples of {summary['name']} v{summary['version']}]({png_data_uri(Path(grid))})", ""]
+        except OSError as exc:
+            lines += [f"_sample grid unavailable: {exc}_", ""]
+    if uplift.get("ratios"):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                save_uplift_plot(uplift["ratios"], uplift.get("real_only") or {}, Path(tmp) / "uplift.png")
+                lines += ["**Held-out accuracy against the synthetic ratio** (mean ± standard error over repeats)", "",
+                          f"![accuracy against synthetic ratio]({png_data_uri(Path(tmp) / 'uplift.png')})", ""]
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                lines += [f"_uplift plot unavailable: {exc}_", ""]
+    return ["## Pictures", "", *lines] if lines else []
+
+
+def summary_markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The `ganpipe-summary` artifact: what a person scanning runs in the Prefect UI needs first."""
+    return "\n".join([
         f"# ganpipe pipeline: {summary['name']} v{summary['version']}",
         "", f"- model: `{summary['model_uri']}` (aliases: {', '.join(summary['aliases']) or 'none'})",
-        f"- alias decision: {summary['decision']}", f"- data fingerprint: `{summary['data_fingerprint']}`",
+        f"- alias decision: {summary['decision']}", *uplift_line(summary["metrics"].get("uplift")),
+        f"- data fingerprint: `{summary['data_fingerprint']}`",
         f"- export: {export_line(summary.get('export'))}", *[f"- {link}" for link in mlflow_links(summary)],
-        "", *metrics_markdown(rows)])
-    create_markdown_artifact(markdown, key="ganpipe-summary", description="pipeline summary")
+        "", *metrics_markdown(rows), "", *summary_pictures(summary)])
+
+
+def publish_summary(summary: dict[str, Any]) -> None:
+    rows = publish_metrics_table(summary["metrics"])
+    create_markdown_artifact(summary_markdown(summary, rows), key="ganpipe-summary", description="pipeline summary")
 
 
 def _fmt(value: float | None, spec: str) -> str:

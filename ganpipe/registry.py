@@ -241,10 +241,12 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
     aliases = sorted(client.get_model_version(name, version.version).aliases or [])
     card = model_card(name, int(version.version), spec, tags, evaluation, decision, aliases)
     client.update_model_version(name, version.version, description=card)
+    grid = save_version_grid(run_dir, int(version.version), model, spec)
     if version.run_id:
-        _log_version_artifacts(client, version, model, spec, card, decision)
+        _log_version_artifacts(client, version, card, decision, grid)
     return {"name": name, "version": int(version.version), "aliases": aliases,
-            "model_uri": f"models:/{name}/{version.version}", "decision": decision.reason}
+            "model_uri": f"models:/{name}/{version.version}", "decision": decision.reason,
+            "sample_grid": str(grid) if grid else None}
 
 
 def _current(client: Any, name: str, alias: str) -> Any | None:
@@ -281,19 +283,26 @@ def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[st
     return mlflow.register_model(logged.model_uri, name, tags={SHA_TAG: weights_sha, SPEC_SHA_TAG: spec_sha})
 
 
-def _log_version_artifacts(client: Any, version: Any, model: torch.nn.Module, spec: NetworkSpec, card: str,
-                           decision: Decision) -> None:
+def save_version_grid(run_dir: Path, version: int, model: torch.nn.Module, spec: NetworkSpec) -> Path | None:
+    """64 samples of an image generator (seeds 0-63, labels cycling through the classes) as
+    `registry/vN/samples.png` in the run directory: logged with the version, and kept where the
+    pipeline's Prefect summary finds it. None for vector data."""
+    if not spec.is_image:
+        return None
+    labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None
+    grid = run_dir / "registry" / f"v{version}" / "samples.png"
+    save_grid(generate(model, spec, list(range(64)), labels), grid)
+    return grid
+
+
+def _log_version_artifacts(client: Any, version: Any, card: str, decision: Decision, grid: Path | None) -> None:
     """The model card, a sample grid and the promotion decision, under registry/vN/ in the run."""
     folder = f"registry/v{version.version}"
     client.log_text(version.run_id, card, f"{folder}/model_card.md")
     client.log_dict(version.run_id, {"version": int(version.version), "alias": decision.alias,
                                      "reason": decision.reason}, f"{folder}/promotion.json")
-    if spec.is_image:
-        labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None
-        with tempfile.TemporaryDirectory() as tmp:
-            grid = Path(tmp) / "samples.png"
-            save_grid(generate(model, spec, list(range(64)), labels), grid)
-            client.log_artifact(version.run_id, str(grid), folder)
+    if grid is not None:
+        client.log_artifact(version.run_id, str(grid), folder)
 
 
 def model_card(name: str, version: int, spec: NetworkSpec, tags: dict[str, str], evaluation: dict[str, Any],

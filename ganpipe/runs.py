@@ -5,6 +5,7 @@
       run.json         identity, data fingerprint and location, MLflow run id
       checkpoints/     step-XXXXXXXX/ (see ganpipe.checkpoint), latest, best
       samples/         preview grids
+      registry/vN/     samples.png: the grid logged with registered version N (image data)
       generator/       the run's EMA generator (the last, or the best checkpoint's: train.final_generator):
                        generator.safetensors, spec.json, info.json
       result.json      what the last invocation achieved

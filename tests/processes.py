@@ -1,15 +1,34 @@
-"""Processes and servers tests deal with: finding the processes a test started (the launcher and
-workers of one training run, by the environment ganpipe.workers passes down: GANPIPE_LAUNCHER_PID,
-GANPIPE_FLOW_RUN_ID), and a silent endpoint that accepts connections and never answers."""
+"""Processes and servers tests deal with: servers a test starts and stops (`start_logged`,
+`stop_process`), finding the processes a test started (the launcher and workers of one training
+run, by the environment ganpipe.workers passes down: GANPIPE_LAUNCHER_PID, GANPIPE_FLOW_RUN_ID),
+and a silent endpoint that accepts connections and never answers."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from contextlib import suppress
+from pathlib import Path
 
 import psutil
+
+
+def start_logged(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
+    """A server for the length of a test module, its output in `log` for the failure message."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, so a server shuts down cleanly; SIGKILL when it has not within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def process_running(process: psutil.Process) -> bool:

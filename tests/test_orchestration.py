@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT, TINY_DIGITS, free_port, last_json, run_cli, wait_for_http, write_config
-from tests.processes import training_processes
+from tests.processes import start_logged, stop_process, training_processes
 from tests.test_flows import (
     alive,
     artifacts,
@@ -30,6 +32,7 @@ from tests.test_flows import (
     task_runs,
     wait_for,
 )
+from tests.test_prefect_summary import pictures
 
 pytestmark = pytest.mark.slow
 
@@ -50,20 +53,6 @@ class Stack:
     logs: Path
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("orchestration")
@@ -73,13 +62,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    server = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                     "--no-ui"], env, root / "server.log")
+    server = start_logged([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                           str(port), "--no-ui"], env, root / "server.log", ROOT)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=240)
         yield Stack(env, write_config(root / "tiny.yaml", TINY_DIGITS + DEPLOY), root / "ganpipe-home", root)
     finally:
-        _stop(server)
+        stop_process(server)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +80,12 @@ def deployed(stack: Stack) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def worker(stack: Stack, deployed: dict[str, Any]) -> Iterator[None]:
-    proc = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", deployed["work_pool"]],
-                  stack.env, stack.logs / "worker.log")
+    proc = start_logged([sys.executable, "-m", "prefect", "worker", "start", "--pool", deployed["work_pool"]],
+                        stack.env, stack.logs / "worker.log", ROOT)
     try:
         yield
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -214,6 +203,13 @@ def test_triggered_pipeline_completes_with_artifacts(stack: Stack, worker: None,
     assert f"| fd_domain | {rows[0]['value']:.4g} | ± {rows[0]['uncertainty']:.3g} |" in summary
     assert "- export: not configured" in summary
     assert f"MLflow run `{version.run_id}`" in summary
+    # The picture a person scanning runs sees: the version's registered grid (146 px, shown 2x).
+    assert "- uplift" not in summary and "accuracy against synthetic ratio" not in summary  # not computed
+    shown = pictures(summary)
+    assert list(shown) == ["samples of tiny-digits v1"]
+    registered = registry.download_artifacts(version.run_id, "registry/v1/samples.png", str(stack.logs))
+    grid = np.asarray(Image.open(registered).convert("RGB"))
+    assert grid.shape == (146, 146, 3) and np.array_equal(shown["samples of tiny-digits v1"], grid.repeat(2, 0).repeat(2, 1))
 
 
 def test_cancelling_a_flow_run_kills_every_training_process(worker: None, client: Any) -> None:

@@ -191,6 +191,9 @@ def test_register_records_lineage_and_artifacts_and_is_idempotent(tiny_run: Path
     first = generate(loaded.generator, loaded.spec, [0, 9])
     assert (grid[2:18, 2:18] == first[0, :, :, 0].numpy()).all()  # seed 0, top left
     assert (grid[20:36, 20:36] == first[1, :, :, 0].numpy()).all()  # seed 9, row 2 column 2
+    # The same grid stays in the run, where the pipeline's Prefect summary embeds it.
+    assert out["sample_grid"] == str(run.resolve() / "registry" / "v1" / "samples.png")
+    assert Path(out["sample_grid"]).read_bytes() == (folder / "samples.png").read_bytes()
 
     # The signature and input example travel with the model.
     import mlflow
