@@ -19,6 +19,7 @@ a random file in the same layout: timings are the same, FID values are not meani
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--model", help="MODEL to generate with (default: an untrained DCGAN)")
     parser.add_argument("--inception-weights")
     parser.add_argument("--random-weights", action="store_true", help="time with random weights in the FID layout")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,6 +152,11 @@ def main() -> int:
           f"   (generate + PNG {png_s:.1f} s)")
     print(f"speed-up {theirs_s / ours_s:.2f}x; relative FID difference {relative:.2e} "
           f"({'OK' if relative <= 1e-3 else 'MISMATCH'}: <= 1e-3)")
+    if args.json:
+        print(json.dumps({"device": str(device), "num_images": num_images, "num_real": real.num_samples,
+                          "weights": weights_kind, "ganpipe_seconds": ours_s, "torch_fidelity_seconds": theirs_s,
+                          "speedup": theirs_s / ours_s, "fid_ganpipe": ours, "fid_torch_fidelity": theirs,
+                          "relative_difference": relative}))
     return 0 if relative <= 1e-3 else 1
 
 

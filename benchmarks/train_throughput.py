@@ -4,17 +4,24 @@ the same networks, batch size and precision.
     python -m benchmarks.train_throughput                                   # CPU: DCGAN 32x32, batch 64
     python -m benchmarks.train_throughput --resolution 64 --batch-size 128 \
         --precision bf16 --channels-last --compile                          # GPU: ganpipe's fast path vs plain fp32
+    python -m benchmarks.train_throughput --family r3gan --data-path device prefetch sync --json
 
-ganpipe's side is `Trainer.iteration()`, the body of the real loop: data gathered from the
-prepared shards, the discriminator and generator updates through Accelerate, the EMA update and
-the divergence bookkeeping. The plain loop draws batches from an in-memory tensor, uses Adam and
-the non-saturating loss, and nothing else. Prints images/s (real images per second) and the ratio.
+ganpipe's side is `Trainer.iteration()`, the body of the real loop: real batches through the data
+path (ganpipe.batches: `--data-path device` keeps the dataset on the GPU, `prefetch` gathers the
+next batches from the memory map in a background thread, `sync` gathers each in the step; on CPU
+`device` is not chosen and runs as `prefetch`), the discriminator and generator updates through
+Accelerate, the EMA update and the divergence bookkeeping. Both sides train with the
+non-saturating loss and no penalties, whatever the family, so they do the same work. The plain
+loop draws batches from an in-memory tensor, uses Adam, and nothing else. Prints images/s (real
+images per second) and the ratio; `--json` prints one JSON object as the last line.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import tempfile
 import time
 
@@ -83,44 +90,75 @@ def time_plain(trainer: Trainer, steps: int, warmup: int, precision: str) -> flo
     return steps * batch / (time.perf_counter() - started)
 
 
+DATA_PATHS = {"device": ["train.prefetch=2", "train.data_on_device_fraction=0.25"],
+              "prefetch": ["train.prefetch=2", "train.data_on_device_fraction=0"],
+              "sync": ["train.prefetch=0", "train.data_on_device_fraction=0"]}
+
+
+def overrides(args: argparse.Namespace, data_path: str) -> list[str]:
+    return [f"data.resolution={args.resolution}", f"train.batch_size={args.batch_size}", f"model.family={args.family}",
+            f"model.g_width={args.width}", f"model.d_width={args.width}", "model.latent_dim=100",
+            "train.loss=non_saturating", f"train.mixed_precision={args.precision}",
+            f"train.channels_last={str(args.channels_last).lower()}", f"train.compile={str(args.compile).lower()}",
+            *DATA_PATHS[data_path]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=["dcgan", "resnet", "r3gan"], default="dcgan")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64, help="DCGAN base channels (G and D)")
+    parser.add_argument("--width", type=int, default=64, help="base channels of G and D (model.g_width/d_width)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no", help="ganpipe's precision")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="alternate the two loops this many times")
+    parser.add_argument("--data-path", nargs="+", choices=list(DATA_PATHS), default=["prefetch"],
+                        help="ganpipe's data path(s), each timed (default: prefetch)")
+    parser.add_argument("--no-plain", action="store_true", help="time ganpipe only")
+    parser.add_argument("--repeats", type=int, default=3, help="alternate the loops this many times")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as home:
-        import os
-
         os.environ["GANPIPE_HOME"] = home
-        cfg = load_config("configs/digits-dcgan.yaml", [
-            f"data.resolution={args.resolution}", f"train.batch_size={args.batch_size}",
-            f"model.g_width={args.width}", f"model.d_width={args.width}", "model.latent_dim=100",
-            f"train.mixed_precision={args.precision}", f"train.channels_last={str(args.channels_last).lower()}",
-            f"train.compile={str(args.compile).lower()}"])
-        with prepared_run(cfg) as prepared:  # a temporary home: no other writer after it
-            trainer = Trainer(cfg, prepared.run_dir)
+        trainers: dict[str, Trainer] = {}
+        for data_path in args.data_path:
+            cfg = load_config("configs/digits-dcgan.yaml", [*overrides(args, data_path),
+                                                            f"train.run_name=throughput-{data_path}"])
+            with prepared_run(cfg) as prepared:  # a temporary home: no other writer after it
+                trainers[data_path] = Trainer(cfg, prepared.run_dir)
+        first = next(iter(trainers.values()))
         # The baseline stays plain fp32 on the GPU (the issue's goal); on CPU it matches ganpipe's precision.
-        plain_precision = "no" if trainer.device.type == "cuda" else args.precision
-        print(f"device {trainer.device}, threads {torch.get_num_threads()}, DCGAN {args.resolution}x"
+        plain_precision = "no" if first.device.type == "cuda" else args.precision
+        print(f"device {first.device}, threads {torch.get_num_threads()}, {args.family} {args.resolution}x"
               f"{args.resolution}, width {args.width}, batch {args.batch_size}; ganpipe precision "
               f"{args.precision}{', channels_last' if args.channels_last else ''}"
-              f"{', compile' if args.compile else ''}; plain loop precision {plain_precision}")
-        ours, plain = [], []
+              f"{', compile' if args.compile else ''}; plain loop precision {plain_precision}", flush=True)
+        ours: dict[str, list[float]] = {name: [] for name in trainers}
+        plain: list[float] = []
         for _ in range(args.repeats):
-            ours.append(time_ganpipe(trainer, args.steps, args.warmup))
-            plain.append(time_plain(copy.copy(trainer), args.steps, args.warmup, plain_precision))
-        best_ours, best_plain = max(ours), max(plain)
-        print(f"ganpipe: {best_ours:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in ours)})")
-        print(f"plain:   {best_plain:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in plain)})")
-        print(f"ratio ganpipe/plain: {best_ours / best_plain:.3f}")
+            for name, trainer in trainers.items():
+                ours[name].append(time_ganpipe(trainer, args.steps, args.warmup))
+            if not args.no_plain:
+                plain.append(time_plain(copy.copy(first), args.steps, args.warmup, plain_precision))
+        figures = {"family": args.family, "resolution": args.resolution, "batch_size": args.batch_size,
+                   "width": args.width, "precision": args.precision, "channels_last": args.channels_last,
+                   "compile": args.compile, "device": str(first.device), "plain_precision": plain_precision,
+                   "plain_images_per_s": max(plain) if plain else None, "ganpipe": {}}
+        for name, trainer in trainers.items():
+            best = max(ours[name])
+            ratio = best / max(plain) if plain else None
+            figures["ganpipe"][name] = {"images_per_s": best, "mode": trainer.batches.mode, "ratio_to_plain": ratio}
+            print(f"ganpipe ({name}, runs as {trainer.batches.mode}): {best:8.1f} images/s  "
+                  f"(runs: {', '.join(f'{v:.1f}' for v in ours[name])})"
+                  + (f"  ratio ganpipe/plain: {ratio:.3f}" if ratio else ""))
+            trainer.close()
+        if plain:
+            print(f"plain:   {max(plain):8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in plain)})")
+        if args.json:
+            print(json.dumps(figures))
 
 
 if __name__ == "__main__":

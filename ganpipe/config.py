@@ -219,6 +219,10 @@ class TrainConfig(_Section):
     sample_every: int = Field(500, ge=1)
     compile: bool = False
     channels_last: bool = False
+    prefetch: int = Field(2, ge=0, le=64, description="real batches a background thread gathers ahead of the "
+                          "step (0: in the step); the same batches in the same order either way")
+    data_on_device_fraction: float = Field(0.25, ge=0, le=1, description="CUDA: keep the prepared data on the "
+                                           "device when it fits in this fraction of its memory (0: never)")
     run_name: Name | None = Field(None, description="the run folder's name under $GANPIPE_HOME/runs (a name, "
                                   "not a path); default: register.name and the run's identity")
 

@@ -25,7 +25,10 @@ augmented reals and fakes.
 All randomness comes from one explicit CPU generator per rank, seeded from the run's seed: the
 same seed gives the same augmentation, and its state (with p and the sign statistics of the
 current interval) is checkpointed, so a resumed run continues bitwise exactly on CPU. Only
-per-sample parameters are drawn on the CPU; the pixels stay on the training device.
+per-sample parameters are drawn on the CPU; the pixels stay on the training device. The parameters
+go to the device with non-blocking copies, and the decisions on them (which transforms any sample
+needs) are taken on the CPU, so an augmented step never waits for the device; ADA's p update reads
+the sign statistics back once every `ada_interval` D updates (its one synchronisation).
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ class DiscriminatorAugment:
         self.signs.zero_()
 
     def stats(self, device: torch.device) -> dict[str, Tensor]:
-        return {"ada_p": torch.tensor(self.p, device=device)} if self.policy == "ada" else {}
+        # A fill on the device, not a copy from the host: no wait for the device.
+        return {"ada_p": torch.full((), self.p, device=device)} if self.policy == "ada" else {}
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self, gather: Callable[[Tensor], Tensor], reduce: Callable[[Tensor, str], Tensor]
@@ -127,7 +131,7 @@ def diffaugment(x: Tensor, generator: torch.Generator) -> Tensor:
     b, _, h, w = x.shape
 
     def uniform() -> Tensor:
-        return torch.rand(b, 1, 1, 1, generator=generator).to(x.device, x.dtype)
+        return torch.rand(b, 1, 1, 1, generator=generator).to(x.device, x.dtype, non_blocking=True)
 
     x = x + (uniform() - 0.5)  # brightness
     mean = x.mean(dim=1, keepdim=True)
@@ -135,8 +139,8 @@ def diffaugment(x: Tensor, generator: torch.Generator) -> Tensor:
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * (uniform() + 0.5) + mean  # contrast
     shift_h, shift_w = int(h * TRANSLATE + 0.5), int(w * TRANSLATE + 0.5)
-    dy = torch.randint(-shift_h, shift_h + 1, (b,), generator=generator).to(x.device)
-    dx = torch.randint(-shift_w, shift_w + 1, (b,), generator=generator).to(x.device)
+    dy = torch.randint(-shift_h, shift_h + 1, (b,), generator=generator).to(x.device, non_blocking=True)
+    dx = torch.randint(-shift_w, shift_w + 1, (b,), generator=generator).to(x.device, non_blocking=True)
     rows, cols = _pixel_grid(b, h, w, x.device)
     x = _remap(x, rows + dy[:, None, None], cols + dx[:, None, None], zero_outside=True)
     size_h, size_w = int(h * CUTOUT + 0.5), int(w * CUTOUT + 0.5)
@@ -196,7 +200,8 @@ def ada_augment(x: Tensor, params: dict[str, Tensor]) -> Tensor:
         matrix[flip, 1] = -matrix[flip, 1]
         offset[flip, 1] = w - 1 - offset[flip, 1]
         offset = offset - torch.stack([dy, dx], dim=1)
-        matrix, offset = matrix.to(x.device).view(b, 2, 2, 1, 1), offset.to(x.device).view(b, 2, 1, 1)
+        matrix = matrix.to(x.device, non_blocking=True).view(b, 2, 2, 1, 1)
+        offset = offset.to(x.device, non_blocking=True).view(b, 2, 1, 1)
         i = torch.arange(h, device=x.device).view(1, h, 1)
         j = torch.arange(w, device=x.device).view(1, 1, w)
         rows = _reflect(matrix[:, 0, 0] * i + matrix[:, 0, 1] * j + offset[:, 0], h)
@@ -204,16 +209,16 @@ def ada_augment(x: Tensor, params: dict[str, Tensor]) -> Tensor:
         x = _remap(x, rows, cols, zero_outside=False)
     scale_y, scale_x = params["scale"] / params["aniso"], params["scale"] * params["aniso"]
     if (scale_y != 1).any() or (scale_x != 1).any():
-        x = _rescale(x, scale_y.to(x.device), scale_x.to(x.device))
+        x = _rescale(x, scale_y.to(x.device, non_blocking=True), scale_x.to(x.device, non_blocking=True))
     per_sample = (b, 1, 1, 1)
     if params["applied_brightness"].any():
-        x = x + params["brightness"].view(per_sample).to(x.device, x.dtype)
+        x = x + params["brightness"].view(per_sample).to(x.device, x.dtype, non_blocking=True)
     if params["applied_contrast"].any():  # about mid-grey (0 in network space), as ADA does
-        x = x * params["contrast"].view(per_sample).to(x.device, x.dtype)
+        x = x * params["contrast"].view(per_sample).to(x.device, x.dtype, non_blocking=True)
     if c > 1 and params["applied_saturation"].any():  # lerp away from / toward the grey axis
         mean = x.mean(dim=1, keepdim=True)
-        saturated = mean + (x - mean) * params["saturation"].view(per_sample).to(x.device, x.dtype)
-        x = torch.where(params["applied_saturation"].view(per_sample).to(x.device), saturated, x)
+        saturated = mean + (x - mean) * params["saturation"].view(per_sample).to(x.device, x.dtype, non_blocking=True)
+        x = torch.where(params["applied_saturation"].view(per_sample).to(x.device, non_blocking=True), saturated, x)
     if params["applied_cutout"].any():
         size = params["cutout"]
         x = _cutout(x, params["cutout_y"] * h - size * h / 2, params["cutout_x"] * w - size * w / 2,
@@ -282,5 +287,5 @@ def _cutout(x: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor)
     in_y = (centres_y[None] >= top[:, None]) & (centres_y[None] < (top + height)[:, None])
     in_x = (centres_x[None] >= left[:, None]) & (centres_x[None] < (left + width)[:, None])
     keep = ~(in_y[:, :, None] & in_x[:, None, :])
-    return x * keep.view(b, 1, h, w).to(x.device, x.dtype)
+    return x * keep.view(b, 1, h, w).to(x.device, x.dtype, non_blocking=True)
 

@@ -124,7 +124,7 @@ def gradient_penalty(critic: Critic, real: Tensor, fake: Tensor,
     """E[(||grad_x critic(x_hat)||_2 - 1)^2] on random interpolates x_hat of real and fake, in
     fp32 like `squared_gradient_norm`."""
     shape = (real.shape[0],) + (1,) * (real.dim() - 1)
-    alpha = torch.rand(shape, generator=generator).to(real.device, torch.float32)
+    alpha = torch.rand(shape, generator=generator).to(real.device, torch.float32, non_blocking=True)
     mixed = (alpha * real.detach().float() + (1 - alpha) * fake.detach().float()).requires_grad_(True)
     with torch.autocast(mixed.device.type, enabled=False):
         grad = _input_gradients(critic(mixed, labels), mixed)

@@ -29,9 +29,10 @@ from ganpipe.config import Config
 from ganpipe.config_files import config_from_yaml_text
 from ganpipe.errors import UserError, shorten
 
-# `final_generator` only picks which saved EMA becomes the run's generator.
+# `final_generator` only picks which saved EMA becomes the run's generator; `prefetch` and
+# `data_on_device_fraction` change how batches reach the device, never which (ganpipe.batches).
 BOOKKEEPING = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "run_name",
-               "final_generator"}
+               "final_generator", "prefetch", "data_on_device_fraction"}
 
 
 # The keys of each section when run identities were first defined. Any key added since counts

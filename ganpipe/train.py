@@ -153,6 +153,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         raise
     finally:
         progress.close()
+        trainer.close()
     # Every rank reports a checksum of its generator: equal values prove the ranks stayed in step.
     g_tensors = [*trainer.nets.g_raw.parameters(), *trainer.nets.g_raw.buffers()]
     checksum = torch.tensor([float(sum(t.detach().double().sum() for t in g_tensors))],

@@ -20,12 +20,13 @@ from accelerate import Accelerator
 from torch import nn
 
 from ganpipe import checkpoint, runs, schedules
+from ganpipe.batches import real_batches
 from ganpipe.config import Config, batch_split_problem
 from ganpipe.d_augment import DiscriminatorAugment
 from ganpipe.data import open_prepared
 from ganpipe.errors import Diverged, UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty, r2_penalty
-from ganpipe.networks import build_discriminator, build_generator, to_network_space
+from ganpipe.networks import build_discriminator, build_generator
 from ganpipe.recipe import BatchSampler, network_spec
 
 
@@ -74,6 +75,9 @@ class Trainer:
                                             interval=t.ada_interval, kimg=t.ada_kimg, device=self.device)
         self.step, self.d_updates, self.g_updates, self.phase, self.phase_updates = 0, 0, 0, "d", 0
         self.resumed_from = self._resume(g_raw, d_raw, ema, opt_g, opt_d)
+        # After the resume: the data path starts from the sampler's restored position.
+        self.batches = real_batches(self.data, self.sampler, self.spec, self.device, memory_format, t.prefetch,
+                                    t.data_on_device_fraction, log=acc.is_main_process)
 
         compiled_g = torch.compile(g_raw) if t.compile else g_raw
         # Double backward (gradient penalties) is not supported through compiled graphs.
@@ -140,16 +144,8 @@ class Trainer:
 
     # --- data and noise ---------------------------------------------------------------------
     def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raw, labels = self.data.gather(self.sampler.next_indices())
-        x = to_network_space(torch.from_numpy(raw), self.spec)
-        x = x.to(self.device, non_blocking=True)
-        if self.spec.is_image:
-            # A copy in the training memory format, not `.contiguous()`: with C = 1, NHWC strides also
-            # count as contiguous and torch picks conv kernels by strides (runs from before
-            # networks.space had NCHW batches and must resume bit for bit: tests/test_compat.py).
-            x = x.clone(memory_format=self.memory_format)
-        y = torch.from_numpy(labels).to(self.device) if self.spec.conditional else None
-        return x, y
+        """The next real batch on the device, in network space (ganpipe.batches)."""
+        return self.batches.next()
 
     def latents(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.spec.latent_dim, generator=self.noise).to(self.device, non_blocking=True)
@@ -248,7 +244,8 @@ class Trainer:
         z_all = self.latents(n)
         labels_all = None
         if self.spec.conditional:  # classes drawn uniformly, so every class gets trained
-            labels_all = torch.randint(self.spec.num_classes, (n,), generator=self.noise).to(self.device)
+            labels_all = torch.randint(self.spec.num_classes, (n,), generator=self.noise).to(
+                self.device, non_blocking=True)
         # A loss that judges fakes against real data (relativistic) draws its own real batch from
         # the sampler: every step then reads d_steps + 1 batches, so the data order differs from
         # the other losses' (theirs is unchanged), and the sampler's checkpointed position keeps
@@ -333,8 +330,9 @@ class Trainer:
         """Remember the first step with a non-finite loss, without a host sync (check_finite reads it)."""
         losses = [v for k, v in stats.items() if k.endswith("loss")]
         finite = torch.stack([torch.isfinite(v) for v in losses]).all()
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite,
-                                          torch.tensor(self.step + 1, device=self.device), self.first_bad_step)
+        # A Python scalar, not a tensor made from one: that would be a copy from the host, which
+        # waits for the device to finish its queued work.
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, self.step + 1, self.first_bad_step)
 
     def adaptive_update(self) -> dict[str, torch.Tensor]:
         """Train one side until its loss crosses its threshold, then the other (capped at 50
@@ -349,8 +347,12 @@ class Trainer:
         self.phase_updates += 1
         if done or self.phase_updates >= 50:
             self.phase, self.phase_updates = ("g" if self.phase == "d" else "d"), 0
-        stats["phase_is_d"] = torch.tensor(float(self.phase == "d"), device=self.device)
+        stats["phase_is_d"] = torch.full((), float(self.phase == "d"), device=self.device)
         return stats
+
+    def close(self) -> None:
+        """Stop the data path's prefetching thread."""
+        self.batches.close()
 
     # --- saving ------------------------------------------------------------------------------
     def check_finite(self, weights: bool = False) -> None:
@@ -376,7 +378,7 @@ class Trainer:
             return None
         state = {
             "step": self.step, "d_updates": self.d_updates, "g_updates": self.g_updates, "phase": self.phase,
-            "phase_updates": self.phase_updates, "sampler": self.sampler.state_dict(),
+            "phase_updates": self.phase_updates, "sampler": self.batches.state_dict(),
             "opt_g": self.nets.opt_g.state_dict(), "opt_d": self.nets.opt_d.state_dict(),
             "noise": noise_states, "torch_rng": torch.get_rng_state(), "augment": augment,
         }

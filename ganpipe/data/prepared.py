@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ from ganpipe.errors import UserError
 
 class PreparedData:
     """A prepared dataset directory (see ganpipe.data.ingest). Shards are memory-mapped, so a
-    dataset larger than memory trains fine; `gather` reads only the rows asked for."""
+    dataset larger than memory trains fine; `gather` reads only the rows asked for.
+
+    Thread safety: after `open_shards()`, reads may come from any thread (training gathers the
+    next batch in a background thread, ganpipe.batches). The shards are read-only memory maps:
+    a read is a copy out of mapped pages, with no file position or other shared state, and
+    nothing writes to them. `open_shards()` is what must happen once, before threads share
+    the object: the shard lists are created lazily, and two threads creating them at once would
+    each map the files."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -103,23 +111,53 @@ class PreparedData:
     def _offsets(self) -> np.ndarray:
         return np.cumsum([0] + [len(s) for s in self._data_shards])
 
-    def _gather(self, shards: list[np.ndarray], indices: np.ndarray) -> np.ndarray:
+    def open_shards(self) -> None:
+        """Map every shard now (see the class's note on threads)."""
+        _ = self._data_shards, self._label_shards, self._offsets
+
+    def _gather(self, shards: list[np.ndarray], indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(indices), *shards[0].shape[1:]), dtype=shards[0].dtype)
         if len(shards) == 1:
-            return np.asarray(shards[0][np.sort(indices)][np.argsort(np.argsort(indices))])
+            # Read in file order (sequential pages of the memory map), then place each row where asked.
+            order = np.argsort(indices, kind="stable")
+            out[order] = shards[0][indices[order]]
+            return out
         shard_of = np.searchsorted(self._offsets, indices, side="right") - 1
-        out = np.empty((len(indices), *shards[0].shape[1:]), dtype=shards[0].dtype)
         for shard in np.unique(shard_of):
             mask = shard_of == shard
             out[mask] = shards[shard][indices[mask] - self._offsets[shard]]
         return out
 
-    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw rows (uint8 NHWC images or float32 vectors) and labels (or None) at `indices`."""
+    def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw rows (uint8 NHWC images or float32 vectors) and labels (or None) at `indices`;
+        the rows are written into `out` when given (a pinned buffer of `row_shape`, `dtype`)."""
         if self.native:
             raise ValueError("images of native sizes are read one by one (PreparedData.image), not gathered")
         labels = self._gather(self._label_shards, indices) if self._label_shards else None
-        return self._gather(self._data_shards, indices), labels
+        return self._gather(self._data_shards, indices, out), labels
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One stored row's shape: (H, W, C) for images, (D,) for vectors."""
+        return tuple(self._data_shards[0].shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._data_shards[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """The rows' and labels' size in memory (what a copy of the whole dataset takes)."""
+        return sum(s.nbytes for s in self._data_shards) + sum(s.nbytes for s in self._label_shards)
+
+    def chunks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """The whole dataset in record order, at most `rows` rows at a time (bounded memory), as
+        (rows, labels or None) arrays that are copies, not views of the memory map."""
+        for start in range(0, self.num_records, rows):
+            indices = np.arange(start, min(start + rows, self.num_records))
+            yield self.gather(indices)
 
     def load_all(self) -> tuple[np.ndarray, np.ndarray | None]:
         data = np.concatenate([np.asarray(s) for s in self._data_shards])

@@ -1,6 +1,7 @@
 """Resolve any `data.source`, fingerprint its content cheaply, and open it as a Hugging Face dataset.
 
-Sources (docs/contract.md): a hub id (`user/name`), a local `save_to_disk` folder, parquet or
+Sources (docs/contract.md): a hub id (`user/name`, or a legacy name without a namespace such as
+`mnist`, which the hub maps to its current id), a local `save_to_disk` folder, parquet or
 CSV files (a file, a glob or a folder of them), an image folder (labels from subfolder names),
 `s3://bucket/prefix` holding parquet files or an image folder, and `builtin:digits`
 (scikit-learn's digits, written once as a local `save_to_disk` folder).
@@ -21,6 +22,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +48,8 @@ if TYPE_CHECKING:  # `datasets` takes seconds to import; decode workers and cach
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
 SAVE_TO_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")  # namespace/name, or a legacy name
+DATA_FILE_SUFFIXES = {*IMAGE_EXTENSIONS, *TABLE_BUILDERS, ".arrow", ".json", ".jsonl", ".npy", ".zip", ".tar"}
 BATCH_ROWS = 512  # rows per Arrow batch read from a source
 
 
@@ -75,9 +78,11 @@ def resolve_source(cfg: DataConfig, endpoint_url: str | None = None) -> Source:
     path = storage.local_path(source)
     if path.exists() or glob.has_magic(source):
         return _resolve_local(path, source)
-    if HUB_ID.match(source):
+    # A bare name is a hub id (`mnist`), unless it names a data file that is not there: a typo'd path.
+    if HUB_ID.match(source) and ("/" in source or PurePosixPath(source).suffix.lower() not in DATA_FILE_SUFFIXES):
         return _resolve_hub(source, cfg)
-    raise UserError(f"data.source: {source!r} is not an existing path, an s3:// URI or a hub id (user/name)")
+    raise UserError(f"data.source: {source!r} is not an existing path, an s3:// URI or a hub id (namespace/name, "
+                    "or a legacy name such as mnist)")
 
 
 # --- local files ----------------------------------------------------------------------------------
@@ -200,14 +205,26 @@ def _relative(key: str, root: str) -> str:
 
 # --- the Hugging Face hub -------------------------------------------------------------------------
 
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def _resolve_hub(repo_id: str, cfg: DataConfig) -> Source:
+    """Look the dataset up on the hub (its full `namespace/name` id, the commit the revision is at),
+    then open that commit streaming. Offline, the local Hugging Face cache is all there is."""
     description = f"hub dataset {repo_id}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
-        os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0")
+    offline = _hub_offline()
+    if offline:
+        if "/" not in repo_id:
+            raise UserError(f"data.source: {description}: a hub id without a namespace is looked up on the hub, "
+                            "and HF_HUB_OFFLINE is set; use its full namespace/name id")
+        full_id, commit = repo_id, cfg.revision or "main"  # the revision's name is the best id offline
+    else:
+        full_id, commit = hub_lookup(repo_id, cfg.revision)
     with datasets_without_torch() as datasets:
         try:
-            dataset = datasets.load_dataset(repo_id, name=cfg.config_name, split=cfg.split, revision=cfg.revision,
-                                            streaming=True)
+            dataset = datasets.load_dataset(full_id, name=cfg.config_name, split=cfg.split,
+                                            revision=None if offline else commit, streaming=True)
         except (FileNotFoundError, ConnectionError, ValueError, OSError) as exc:
             hint = (" (offline: HF_HUB_OFFLINE is set and the dataset is not in the local Hugging Face cache;"
                     " unset it, or save the dataset with save_to_disk and point data.source at that folder)"
@@ -216,19 +233,56 @@ def _resolve_hub(repo_id: str, cfg: DataConfig) -> Source:
                 network.reraise_if_unreachable(exc)
             raise UserError(f"data.source: cannot load {description}{hint}: {exc}") from None
     # A pinned revision is immutable; a branch can move, so the commit it resolves to is the content id.
-    commit = _hub_commit(repo_id, cfg.revision)
-    fingerprint = hashlib.sha256(f"{repo_id}\0{cfg.config_name}\0{cfg.split}\0{commit}".encode()).hexdigest()
-    return Source(repo_id, "hub", fingerprint, description, dataset=dataset)
+    fingerprint = hashlib.sha256(f"{full_id}\0{cfg.config_name}\0{cfg.split}\0{commit}".encode()).hexdigest()
+    return Source(full_id, "hub", fingerprint, f"hub dataset {full_id}", dataset=dataset)
 
 
-def _hub_commit(repo_id: str, revision: str | None) -> str:
+def hub_lookup(repo_id: str, revision: str | None) -> tuple[str, str]:
+    """(full `namespace/name` id, commit sha) of a hub dataset. The hub still answers legacy ids
+    without a namespace (`mnist`, `cifar10`) with the dataset they moved to, but `datasets` and
+    `huggingface_hub` no longer take such ids: the full id found here is what they are given.
+    A dataset that does not exist, or that this user may not read, is a UserError saying which."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    bound_hub_client()
+    where = f"data.source: hub dataset {repo_id}"
     try:
-        from huggingface_hub import HfApi
+        info = _dataset_info(HfApi(), repo_id, revision)
+    except GatedRepoError:
+        raise UserError(f"{where} is gated: accept its conditions on its hub page, with the account whose token "
+                        "is set (HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"data.revision: {revision!r} is not a branch, tag or commit of hub dataset {repo_id}") from None
+    except RepositoryNotFoundError:
+        # The hub answers the same for a dataset that does not exist and for a private one the
+        # request may not see, so that private names do not leak.
+        why = ("is private and no token is set (HF_TOKEN, or `hf auth login`)" if get_token() is None
+               else "is private and the token set has no access to it")
+        raise UserError(f"{where}: not found: it does not exist on the hub, or it {why}") from None
+    except Exception as exc:
+        network.reraise_if_unreachable(exc)  # the hub's failure, not the source's (exit 1)
+        raise UserError(f"{where}: the hub's answer could not be used: {exc}") from None
+    full_id = info.id or repo_id
+    if "/" not in full_id:
+        raise UserError(f"{where}: the hub names no namespace for it, and the hub clients need namespace/name; "
+                        "use the dataset's full id")
+    return full_id, info.sha or revision or "main"
 
-        return HfApi().dataset_info(repo_id, revision=revision, timeout=network.budget().attempt_timeout
-                                    ).sha or (revision or "main")
-    except Exception:  # noqa: BLE001 - offline with a cached copy: the revision name is the best id we have
-        return revision or "main"
+
+def _dataset_info(api: Any, repo_id: str, revision: str | None) -> Any:
+    """`api.dataset_info`, tried up to the budget's attempts when the hub does not answer (one
+    call makes one request; the hub client's breaker, `bound_hub_client`, stops the attempts once
+    the hub has failed that often in a row), with 1 s, 2 s, ... between them."""
+    attempts = network.budget().attempts
+    for attempt in range(attempts):
+        try:
+            return api.dataset_info(repo_id, revision=revision, timeout=network.budget().attempt_timeout)
+        except Exception as exc:
+            if attempt + 1 == attempts or network.unreachable(exc) is None:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 # --- opening with datasets ------------------------------------------------------------------------

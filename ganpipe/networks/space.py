@@ -25,8 +25,9 @@ def images_to_network_space(images: torch.Tensor) -> torch.Tensor:
 def vectors_to_network_space(vectors: torch.Tensor, mean: Sequence[float] | torch.Tensor,
                              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Data-unit vectors -> standardised float32, with the data's float32 per-column statistics."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=vectors.device)
-    std = torch.as_tensor(std, dtype=torch.float32, device=vectors.device)
+    # Non-blocking: a blocking copy to a GPU would wait for all its queued work (a training step's).
+    mean = torch.as_tensor(mean, dtype=torch.float32).to(vectors.device, non_blocking=True)
+    std = torch.as_tensor(std, dtype=torch.float32).to(vectors.device, non_blocking=True)
     return (vectors.float() - mean) / std
 
 
