@@ -92,6 +92,9 @@ class DataConfig(_Section):
     config_name: str | None = Field(None, description="hub dataset configuration")
     revision: str | None = Field(None, description="hub dataset revision (branch, tag or commit)")
     max_records: int | None = Field(None, ge=1)
+    max_per_class: int | None = Field(
+        None, ge=1, description="labelled data: keep the first this many rows of each class, in source order "
+                                "(a class-balanced subset: simulates a small labelled set)")
     shard_size: int = Field(10_000, ge=1, description="records per prepared shard")
     cache: str | None = Field(None, description="where prepared data lives; default $GANPIPE_HOME/prepared")
 

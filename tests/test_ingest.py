@@ -24,6 +24,7 @@ from PIL import Image
 
 from ganpipe.config import DataConfig
 from ganpipe.data import IngestResult, ingest, open_prepared
+from ganpipe.errors import UserError
 from tests.conftest import last_json, run_cli
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -203,6 +204,50 @@ def test_labels_map_to_contiguous_ids_with_names_kept(tmp_path: Path) -> None:
     assert declared.classes == ["emu", "dog", "cat", "yak"]
     assert read_back(declared)[1].tolist() == [1, 2, 0, 2, 1, 1]
     assert open_prepared(declared.location).meta["class_counts"]["yak"] == 0
+
+
+def test_max_per_class_keeps_the_first_rows_of_each_class(tmp_path: Path) -> None:
+    """data.max_per_class: a class-balanced subset, the first N rows of each class in source order
+    (across Arrow batches), images and vectors alike; bad records are not counted; the cap is part
+    of the prepared data's identity; data without labels is refused naming the key."""
+    labels = [2, 0, 0, 1, 0, 2, 2, 0, 1, 2, 1, 1] * 3
+    images = noise_images(len(labels))
+    path = write_parquet(tmp_path / "d.parquet", images, labels)
+    full = run_ingest(path, resolution=8)
+    capped = run_ingest(path, resolution=8, max_per_class=3)
+    kept = [i for i, label in enumerate(labels) if labels[:i].count(label) < 3]
+    got, got_labels = read_back(capped)
+    assert np.array_equal(got, as_batch(images[kept])) and got_labels.tolist() == [labels[i] for i in kept]
+    assert capped.num_records == 9 and capped.num_skipped == 0
+    assert open_prepared(capped.location).meta["class_counts"] == {"0": 3, "1": 3, "2": 3}
+    assert capped.fingerprint != full.fingerprint
+    assert capped.fingerprint != run_ingest(path, resolution=8, max_per_class=4).fingerprint
+    again = run_ingest(path, resolution=8, max_per_class=3)
+    assert (again.fingerprint, again.cached) == (capped.fingerprint, True)
+    # A cap above every class's count keeps everything.
+    assert run_ingest(path, resolution=8, max_per_class=100).num_records == len(labels)
+
+    # Rows with a bad label are skipped and do not use up their class's quota; vectors, too.
+    values = np.arange(len(labels), dtype=np.float64)
+    tagged: list[str | None] = [str(v) for v in labels]
+    tagged[1] = None  # the first 0 has no label
+    pq.write_table(pa.table({"x": values, "label": tagged}), tmp_path / "v.parquet")
+    vectors = run_ingest(tmp_path / "v.parquet", kind="vector", columns=["x"], max_per_class=2,
+                         on_bad_record="skip")
+    x, vector_labels = open_prepared(vectors.location).load_all()
+    assert x[:, 0].tolist() == [0, 2, 3, 4, 5, 8] and vector_labels.tolist() == [2, 0, 1, 0, 2, 1]
+    assert [s["row"] for s in report_of(vectors)["skipped"]] == [1]
+    # The counts carry across the source's Arrow batches (512 rows each).
+    many = [i % 2 for i in range(1000)] + [2] * 100
+    pq.write_table(pa.table({"x": np.arange(1100.0), "label": many}), tmp_path / "many.parquet")
+    x, many_labels = open_prepared(run_ingest(tmp_path / "many.parquet", kind="vector", columns=["x"],
+                                              max_per_class=400).location).load_all()
+    assert x[:, 0].tolist() == list(range(800)) + list(range(1000, 1100))
+    assert np.bincount(many_labels).tolist() == [400, 400, 100]
+
+    write_parquet(tmp_path / "unlabelled.parquet", images)
+    with pytest.raises(UserError, match=r"^.*unlabelled\.parquet.*: data\.max_per_class: the data has no label"):
+        run_ingest(tmp_path / "unlabelled.parquet", resolution=8, max_per_class=3)
 
 
 def test_mixed_image_modes_are_converted(tmp_path: Path) -> None:

@@ -108,7 +108,10 @@ def ingest(cfg: DataConfig, endpoint_url: str | None = None, workers: int | None
 def preprocessing_params(cfg: DataConfig) -> dict[str, Any]:
     fields = ["kind", "columns", "image_column", "label_column", "classes", "resolution", "channels",
               "resize", "on_bad_record", "split", "config_name", "revision", "max_records", "shard_size"]
-    return {f: getattr(cfg, f) for f in fields}
+    params = {f: getattr(cfg, f) for f in fields}
+    if cfg.max_per_class is not None:  # only when set: data prepared before the key keeps its fingerprint
+        params["max_per_class"] = cfg.max_per_class
+    return params
 
 
 def prepared_fingerprint(input_fingerprint: str, params: dict[str, Any]) -> str:
@@ -163,6 +166,7 @@ class Preparer:
         self.skipped: list[dict[str, Any]] = []
         self.shards: list[dict[str, Any]] = []
         self.rows_in_shards = 0
+        self.per_class: dict[int, int] = {}  # provisional label id -> rows kept so far (data.max_per_class)
 
     def _fail(self, message: str) -> UserError:
         return UserError(f"{self.description}: {message}")
@@ -255,6 +259,8 @@ class Preparer:
         columns = self._columns()
         label_column = self._label_column(columns)
         labels = Labels(columns.get(label_column), self.cfg.classes) if label_column else None
+        if labels is None and self.cfg.max_per_class is not None:
+            raise self._fail("data.max_per_class: the data has no label column (set data.label_column)")
         if self.cfg.kind == "vector":
             meta = self._run_vectors(columns, label_column, labels)
         else:
@@ -296,7 +302,19 @@ class Preparer:
         for i in np.flatnonzero(ids < 0):
             self._bad(first_row + int(i), checked[index[i]][1])
             keep[i] = False
+        if self.cfg.max_per_class is not None:
+            self._cap_per_class(ids, keep)
         return ids
+
+    def _cap_per_class(self, ids: np.ndarray, keep: np.ndarray) -> None:
+        """data.max_per_class: clear `keep` for the rows of a class beyond its first max_per_class,
+        in source order, so the subset is the same on every ingest. Capped rows are not bad records."""
+        cap = self.cfg.max_per_class
+        for i in np.flatnonzero(keep):
+            label_id = int(ids[i])
+            kept = self.per_class.get(label_id, 0)
+            keep[i] = kept < cap
+            self.per_class[label_id] = min(kept + 1, cap)
 
     def _run_images(self, columns: dict[str, Any], label_column: str | None, labels: Labels | None
                     ) -> dict[str, Any]:
