@@ -36,7 +36,7 @@ from ganpipe.data.pairs import (
 from ganpipe.networks import from_network_space, images_to_network_space
 from ganpipe.recipe import BatchSampler
 from ganpipe.sr_losses import VGG_HOWTO, VGGFeatureLoss, d_adversarial, g_adversarial, pixel_loss
-from ganpipe.trainer import Trainer, add_stat, grad_norm
+from ganpipe.trainer import Trainer, add_d_stats, add_stat
 
 PSNR_GENERATOR = "generator-psnr"  # the run's EMA generator at the end of the pretraining stage
 PREVIEW_IMAGES = 8
@@ -73,12 +73,8 @@ class SRTrainer(Trainer):
                 self.write_psnr_generator()
         elif stage == "critic":
             stats.update(self.discriminator_update())
-        elif t.schedule == "fixed":
-            for _ in range(t.d_steps):
-                stats.update(self.discriminator_update())
-            stats.update(self.generator_update())
         else:
-            stats.update(self.adaptive_update())
+            stats.update(self.adversarial_updates())
         self.record_finite(stats)
         return stats
 
@@ -115,14 +111,8 @@ class SRTrainer(Trainer):
                 real_logits, fake_logits = nets.D(hr).float(), nets.D(fake).float()
                 loss = d_adversarial(kind, real_logits, fake_logits)
                 acc.backward(loss / len(micro))
-            add_stat(stats, "d_loss", loss, len(micro))
-            add_stat(stats, "d_real", torch.sigmoid(real_logits).mean(), len(micro))
-            add_stat(stats, "d_fake", torch.sigmoid(fake_logits).mean(), len(micro))
-        stats["d_grad_norm"] = grad_norm(nets.d_raw)
-        nets.opt_d.step()
-        nets.opt_d.zero_grad(set_to_none=True)
-        self.average_buffers(nets.d_raw)
-        self.d_updates += 1
+            add_d_stats(stats, loss, real_logits, fake_logits, len(micro))
+        self.step_discriminator(stats)
         return stats
 
     def content_loss(self, output: torch.Tensor, target: torch.Tensor, stats: dict[str, torch.Tensor],
@@ -157,13 +147,7 @@ class SRTrainer(Trainer):
                     loss = loss + t.adversarial_weight * adv
                 acc.backward(loss / len(micro))
             add_stat(stats, "g_loss", loss, len(micro))
-        stats["g_grad_norm"] = grad_norm(nets.g_raw)
-        nets.opt_g.step()
-        nets.opt_g.zero_grad(set_to_none=True)
-        nets.D.requires_grad_(True)
-        self.average_buffers(nets.g_raw)
-        self.g_updates += 1
-        self.update_ema()
+        self.step_generator(stats)
         return stats
 
     # --- outputs -------------------------------------------------------------------------------

@@ -193,14 +193,8 @@ class Trainer:
                     add_stat(stats, "gradient_penalty", gp, len(micro))
                 loss = loss + self.penalties(real, generated, labels, weights, stats, len(micro))
                 acc.backward(loss / len(micro))
-            add_stat(stats, "d_loss", loss, len(micro))
-            add_stat(stats, "d_real", torch.sigmoid(real_logits).mean(), len(micro))
-            add_stat(stats, "d_fake", torch.sigmoid(fake_logits).mean(), len(micro))
-        stats["d_grad_norm"] = grad_norm(nets.d_raw)
-        nets.opt_d.step()
-        nets.opt_d.zero_grad(set_to_none=True)
-        self.average_buffers(nets.d_raw)
-        self.d_updates += 1
+            add_d_stats(stats, loss, real_logits, fake_logits, len(micro))
+        self.step_discriminator(stats)
         self.augment.after_d_update(self.d_updates, schedules.ada_target(t, self.step), acc.reduce)
         stats.update(self.augment.stats(self.device))
         # Lazy regularisation skips updates: report the latest penalties on every step, so each
@@ -237,6 +231,15 @@ class Trainer:
                 add_stat(stats, name, value, parts)
         return total
 
+    def step_discriminator(self, stats: dict[str, torch.Tensor]) -> None:
+        """D's optimiser step on the accumulated gradients (their norm logged), then its batch-norm
+        statistics averaged across ranks."""
+        stats["d_grad_norm"] = grad_norm(self.nets.d_raw)
+        self.nets.opt_d.step()
+        self.nets.opt_d.zero_grad(set_to_none=True)
+        self.average_buffers(self.nets.d_raw)
+        self.d_updates += 1
+
     def generator_update(self) -> dict[str, torch.Tensor]:
         nets, acc = self.nets, self.accelerator
         accum = self.cfg.train.grad_accum
@@ -267,14 +270,19 @@ class Trainer:
                 loss = self.objective.g(fake_logits, real_logits)
                 acc.backward(loss / accum)
             add_stat(stats, "g_loss", loss, accum)
-        stats["g_grad_norm"] = grad_norm(nets.g_raw)
-        nets.opt_g.step()
-        nets.opt_g.zero_grad(set_to_none=True)
-        nets.D.requires_grad_(True)
-        self.average_buffers(nets.g_raw)
+        self.step_generator(stats)
+        return stats
+
+    def step_generator(self, stats: dict[str, torch.Tensor]) -> None:
+        """G's optimiser step (gradient norm logged), D trainable again, batch-norm statistics
+        averaged across ranks, then the EMA of G's weights."""
+        stats["g_grad_norm"] = grad_norm(self.nets.g_raw)
+        self.nets.opt_g.step()
+        self.nets.opt_g.zero_grad(set_to_none=True)
+        self.nets.D.requires_grad_(True)
+        self.average_buffers(self.nets.g_raw)
         self.g_updates += 1
         self.update_ema()
-        return stats
 
     def average_buffers(self, module: nn.Module) -> None:
         """Batch-norm statistics are updated from each rank's own batch, and DDP would only copy
@@ -314,16 +322,20 @@ class Trainer:
     def iteration(self) -> dict[str, torch.Tensor]:
         """One training step: k D updates then one G update, or one update of the side the
         adaptive schedule is on."""
-        t = self.cfg.train
         self.set_hyperparameters()
+        stats = self.adversarial_updates()
+        self.record_finite(stats)
+        return stats
+
+    def adversarial_updates(self) -> dict[str, torch.Tensor]:
+        """train.d_steps D updates then one G update (`fixed`), or the adaptive schedule's side."""
         stats: dict[str, torch.Tensor] = {}
-        if t.schedule == "fixed":
-            for _ in range(t.d_steps):
+        if self.cfg.train.schedule == "fixed":
+            for _ in range(self.cfg.train.d_steps):
                 stats.update(self.discriminator_update())
             stats.update(self.generator_update())
         else:
             stats.update(self.adaptive_update())
-        self.record_finite(stats)
         return stats
 
     def record_finite(self, stats: dict[str, torch.Tensor]) -> None:
@@ -402,6 +414,14 @@ def add_stat(stats: dict[str, torch.Tensor], key: str, value: torch.Tensor, part
     """Accumulate a micro-batch's share of a statistic as a tensor (no host sync per step)."""
     value = value.detach().float() / parts
     stats[key] = stats[key] + value if key in stats else value
+
+
+def add_d_stats(stats: dict[str, torch.Tensor], loss: torch.Tensor, real_logits: torch.Tensor,
+                fake_logits: torch.Tensor, parts: int) -> None:
+    """D's loss and mean probabilities on real and generated data (0.5 everywhere: G matches the data)."""
+    add_stat(stats, "d_loss", loss, parts)
+    add_stat(stats, "d_real", torch.sigmoid(real_logits).mean(), parts)
+    add_stat(stats, "d_fake", torch.sigmoid(fake_logits).mean(), parts)
 
 
 def grad_norm(module: nn.Module) -> torch.Tensor:
