@@ -87,6 +87,11 @@ class SRTrainer(Trainer):
         return BatchSampler(len(self.train_indices), self.cfg.train.batch_size, self.cfg.seed, acc.process_index,
                             acc.num_processes)
 
+    def new_batches(self) -> None:
+        """No real-batch stream: pairs are cropped and degraded per draw (`pair_batch`), from the
+        sampler itself, whose position is then the data's."""
+        return None
+
     def pair_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(HR, LR) in network space on the device. The key (seed, updates so far, rank) is unique
         to this draw and restored with the counters on resume."""

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ganpipe import checkpoint, runs, schedules
-from ganpipe.batches import real_batches
+from ganpipe.batches import RealBatches, real_batches
 from ganpipe.config import Config, batch_split_problem
 from ganpipe.d_augment import DiscriminatorAugment
 from ganpipe.data import open_prepared
@@ -76,8 +76,7 @@ class Trainer:
         self.step, self.d_updates, self.g_updates, self.phase, self.phase_updates = 0, 0, 0, "d", 0
         self.resumed_from = self._resume(g_raw, d_raw, ema, opt_g, opt_d)
         # After the resume: the data path starts from the sampler's restored position.
-        self.batches = real_batches(self.data, self.sampler, self.spec, self.device, memory_format, t.prefetch,
-                                    t.data_on_device_fraction, log=acc.is_main_process)
+        self.batches = self.new_batches()
 
         compiled_g = torch.compile(g_raw) if t.compile else g_raw
         # Double backward (gradient penalties) is not supported through compiled graphs.
@@ -362,9 +361,21 @@ class Trainer:
         stats["phase_is_d"] = torch.full((), float(self.phase == "d"), device=self.device)
         return stats
 
+    def new_batches(self) -> RealBatches | None:
+        """The real-batch stream (ganpipe.batches) from the sampler's position."""
+        t = self.cfg.train
+        return real_batches(self.data, self.sampler, self.spec, self.device, self.memory_format, t.prefetch,
+                            t.data_on_device_fraction, log=self.accelerator.is_main_process)
+
+    def data_position(self) -> dict[str, int]:
+        """Where the data resumes: the sampler's position after the batches trained on (not
+        those prefetched)."""
+        return self.batches.state_dict() if self.batches is not None else self.sampler.state_dict()
+
     def close(self) -> None:
         """Stop the data path's prefetching thread."""
-        self.batches.close()
+        if self.batches is not None:
+            self.batches.close()
 
     # --- saving ------------------------------------------------------------------------------
     def check_finite(self, weights: bool = False) -> None:
@@ -390,7 +401,7 @@ class Trainer:
             return None
         state = {
             "step": self.step, "d_updates": self.d_updates, "g_updates": self.g_updates, "phase": self.phase,
-            "phase_updates": self.phase_updates, "sampler": self.batches.state_dict(),
+            "phase_updates": self.phase_updates, "sampler": self.data_position(),
             "opt_g": self.nets.opt_g.state_dict(), "opt_d": self.nets.opt_d.state_dict(),
             "noise": noise_states, "torch_rng": torch.get_rng_state(), "augment": augment,
         }

@@ -16,7 +16,8 @@ import torch
 from ganpipe import batches as batches_module
 from ganpipe import runs
 from ganpipe.batches import RealBatches, choose_mode
-from ganpipe.config import Config, load_config
+from ganpipe.config import Config
+from ganpipe.config_files import load_config
 from ganpipe.data import open_prepared
 from ganpipe.errors import UserError
 from ganpipe.recipe import BatchSampler, network_spec

@@ -37,7 +37,7 @@ CASES: dict[str, tuple[list[str], dict[tuple[str, str, str], int]]] = {
 def count_syncs(config: Path, overrides: list[str], mixed_precision: str = "no") -> Counter:
     """Synchronising calls in ITERATIONS steps of a fresh trainer (the first steps included:
     lazily created state, such as the optimisers', counts too)."""
-    from ganpipe.config import load_config
+    from ganpipe.config_files import load_config
     from ganpipe.trainer import Trainer
     from tests.fixtures import new_run_dir
 

@@ -137,7 +137,7 @@ def test_the_hub_configs_build_their_networks_and_say_what_fid_to_expect(name: s
     range the literature reports."""
     import json
 
-    from ganpipe.config import load_config
+    from ganpipe.config_files import load_config
     from ganpipe.data import PreparedData
     from ganpipe.recipe import network_spec
     from tests.conftest import ROOT
