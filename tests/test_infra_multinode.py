@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,21 @@ def generator_sha256(run_dir: str) -> str:
     return hashlib.sha256((Path(run_dir) / "generator" / "generator.safetensors").read_bytes()).hexdigest()
 
 
+def communicate_all(machines: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Every machine's (stdout, stderr), read concurrently; as soon as one machine fails the others
+    are killed (they would wait at the rendezvous until the timeout), so a failure costs seconds."""
+    with ThreadPoolExecutor(len(machines)) as pool:
+        futures = [pool.submit(machine.communicate, timeout=timeout) for machine in machines]
+        deadline = time.monotonic() + timeout
+        while not all(future.done() for future in futures) and time.monotonic() < deadline:
+            if any(machine.poll() not in (None, 0) for machine in machines):
+                for machine in machines:
+                    if machine.poll() is None:
+                        os.killpg(machine.pid, signal.SIGKILL)
+            time.sleep(0.5)
+        return [future.result() for future in futures]
+
+
 @pytest.mark.slow
 def test_two_machines_train_one_run(tmp_path: Path, ganpipe_home: Path) -> None:
     config = write_config(tmp_path / "tiny.yaml", TINY_DIGITS)
@@ -33,7 +50,7 @@ def test_two_machines_train_one_run(tmp_path: Path, ganpipe_home: Path) -> None:
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
                 for rank in (0, 1)]
     try:
-        outputs = [machine.communicate(timeout=600) for machine in machines]
+        outputs = communicate_all(machines, timeout=600)
     finally:
         for machine in machines:  # one machine failing leaves the other waiting at the rendezvous
             if machine.poll() is None:

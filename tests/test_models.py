@@ -109,6 +109,7 @@ FAMILY_EXAMPLES = {
     "mlp": NetworkSpec("mlp", (5,), latent_dim=4, g_width=8, d_width=8),
     "resnet": NetworkSpec("resnet", (3, 32, 32), latent_dim=8, num_classes=3, g_width=4, d_width=4),
     "r3gan": NetworkSpec("r3gan", (1, 16, 16), latent_dim=8, g_width=4, d_width=4, r3gan_blocks=1),
+    "srgan": NetworkSpec("srgan", (3, 16, 16), latent_dim=0, g_width=4, d_width=4, scale=2, sr_blocks=1),
 }
 
 
@@ -119,7 +120,8 @@ def test_every_family_builds_through_the_one_builder(family: str) -> None:
     G, D = build_generator(spec), build_discriminator(spec)
     assert type(G) is generator_class and type(D) is discriminator_class
     labels = torch.arange(4) % spec.num_classes if spec.conditional else None
-    samples = G(torch.randn(4, spec.latent_dim), labels)
+    inputs = torch.rand(4, *spec.input_shape(*spec.sample_shape[1:])) if spec.image_to_image else torch.randn(4, spec.latent_dim)
+    samples = G(inputs, labels)
     assert samples.shape == (4, *spec.sample_shape) and D(samples, labels).shape == (4,)
     assert set(FAMILY_EXAMPLES) == set(FAMILIES)
 
