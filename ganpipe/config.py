@@ -24,6 +24,7 @@ from pydantic import (
 
 from ganpipe import network, strict_yaml
 from ganpipe.errors import UserError, shorten, show
+from ganpipe.metric_settings import MetricSettings
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a bigger file is not one (and YAML parsing is slow)
 
@@ -212,7 +213,9 @@ class TrainConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(_Section, MetricSettings):
+    """Also the metrics' own keys (uplift_*, prdc_k): ganpipe.metric_settings."""
+
     metrics: list[str] = Field(default_factory=lambda: ["fd_domain"])
     num_samples: int = Field(2048, ge=2)
     inception_weights: str | None = None
