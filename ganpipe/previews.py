@@ -1,11 +1,12 @@
 """Pictures of what a generator makes: an image grid, or a scatter of vectors over real data.
 Training writes them as previews, registration logs a grid with each version, `generate` writes
-a grid to a .png."""
+a grid to a .png; an uplift result becomes an accuracy-versus-ratio plot."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,3 +50,31 @@ def save_scatter(samples: np.ndarray, real: np.ndarray, path: Path, size: int = 
             draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+def save_uplift_plot(result: dict[str, Any], path: Path, title: str = "augmentation value (uplift)") -> None:
+    """Held-out accuracy against synthetic rows per real row, from an `uplift` result: real only at
+    0, each ratio with its standard error, the best ratio marked. matplotlib (installed with
+    mlflow) draws it, through its object API: no pyplot, no global figure state, no display."""
+    from matplotlib.figure import Figure
+
+    rows = result["ratios"]
+    real = result["real_only"]
+    figure = Figure(figsize=(5.5, 3.6), dpi=100, layout="tight")
+    axes = figure.subplots()
+    positions = np.arange(len(rows) + 1)
+    means = [real["mean"]] + [row["accuracy_mean"] for row in rows]
+    errors = [real["std_error"]] + [row["accuracy_std_error"] for row in rows]
+    axes.errorbar(positions, means, yerr=errors, marker="o", capsize=4, color="#1f5fa8", label="held-out accuracy")
+    axes.axhline(real["mean"], color="grey", linestyle="--", linewidth=1, label="real only")
+    best = next(i for i, row in enumerate(rows, start=1) if row["ratio"] == result["best_ratio"])
+    axes.plot([best], [means[best]], marker="*", markersize=14, color="#d0661c", linestyle="none",
+              label=f"best: {result['best_ratio']:g} (uplift {result['value']:+.3f} ± {result['uncertainty']:.3f})")
+    axes.set_xticks(positions, ["real\nonly"] + [f"{row['ratio']:g}" for row in rows])
+    axes.set_xlabel("synthetic rows per real row")
+    axes.set_ylabel("accuracy on held-out real rows")
+    axes.set_title(f"{title}: {result.get('classifier', '')}, {result.get('num_real', '?')} real rows", fontsize=10)
+    axes.legend(fontsize=8, loc="lower left")
+    axes.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
