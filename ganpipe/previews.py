@@ -65,7 +65,9 @@ def save_uplift_plot(result: dict[str, Any], path: Path, title: str = "augmentat
     positions = np.arange(len(rows) + 1)
     means = [real["mean"]] + [row["accuracy_mean"] for row in rows]
     errors = [real["std_error"]] + [row["accuracy_std_error"] for row in rows]
-    axes.errorbar(positions, means, yerr=errors, marker="o", capsize=4, color="#1f5fa8", label="held-out accuracy")
+    axes.errorbar(positions[:1], means[:1], yerr=errors[:1], marker="s", capsize=4, color="grey")
+    axes.errorbar(positions[1:], means[1:], yerr=errors[1:], marker="o", capsize=4, color="#1f5fa8",
+                  label="real + synthetic")
     axes.axhline(real["mean"], color="grey", linestyle="--", linewidth=1, label="real only")
     best = next(i for i, row in enumerate(rows, start=1) if row["ratio"] == result["best_ratio"])
     axes.plot([best], [means[best]], marker="*", markersize=14, color="#d0661c", linestyle="none",
@@ -73,8 +75,9 @@ def save_uplift_plot(result: dict[str, Any], path: Path, title: str = "augmentat
     axes.set_xticks(positions, ["real\nonly"] + [f"{row['ratio']:g}" for row in rows])
     axes.set_xlabel("synthetic rows per real row")
     axes.set_ylabel("accuracy on held-out real rows")
-    axes.set_title(f"{title}: {result.get('classifier', '')}, {result.get('num_real', '?')} real rows", fontsize=10)
-    axes.legend(fontsize=8, loc="lower left")
+    axes.set_title(f"{title}: {result.get('classifier', '')} classifier, {result.get('num_real', '?')} real rows, "
+                   f"{result.get('repeats', '?')} repeats", fontsize=10)
+    axes.legend(fontsize=8, loc="best", framealpha=0.8)
     axes.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

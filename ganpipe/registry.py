@@ -294,7 +294,7 @@ def _log_version_artifacts(client: Any, version: Any, model: torch.nn.Module, sp
         client.log_dict(version.run_id, uplift, f"{folder}/uplift.json")
         with tempfile.TemporaryDirectory() as tmp:
             plot = Path(tmp) / "uplift.png"
-            save_uplift_plot(uplift, plot, f"v{version.version}")
+            save_uplift_plot(uplift, plot, f"{version.name} v{version.version}")
             client.log_artifact(version.run_id, str(plot), folder)
     if spec.is_image:
         labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None
