@@ -19,8 +19,10 @@ noise a little, which is why the per-ratio table is reported beside it.
 
 The generator itself was usually trained on all of its run's prepared data, held-out rows
 included: its samples may carry information from rows the classifier is scored on. A strict
-measurement evaluates a generator against real data it did not train on (`ganpipe evaluate --real`
-naming another split or a folder kept apart), or trains it on a subset (data.max_records).
+measurement evaluates the generator against labelled real data it did not train on: `ganpipe
+evaluate --real` naming a parquet file or image folder kept apart from its training data (then
+every row the metric uses, held out or not, is unseen by the generator). data.max_records alone
+does not give such a split: --real would prepare the whole source again.
 """
 
 from __future__ import annotations
