@@ -28,7 +28,9 @@ from ganpipe.networks import images_to_network_space
 BATCH = 64
 LEARNING_RATE = 1e-3
 # Auto steps: about EPOCHS passes over the largest mix, within [MIN_STEPS, MAX_STEPS]. Measured on
-# 16x16 digits with 20 real rows per class (see tests/test_uplift.py): accuracy stops rising near 400.
+# 16x16 digits, default ratios and repeats (15 trainings), one CPU core: 20 labelled rows per class,
+# 400 steps, 78 s; every training row (1,258), 786 steps, 153 s. Five passes (491 steps, 93 s) left
+# the mixes under-trained: real-only accuracy 95.9% instead of 97.2%, every ratio 1-2 points lower.
 EPOCHS = 8
 MIN_STEPS, MAX_STEPS = 400, 3000
 
