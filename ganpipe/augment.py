@@ -6,6 +6,9 @@
   or a MODEL (rows are generated exactly as `ganpipe export --seed S` would generate them, with
   labels drawn in the real data's class proportions).
 - `--ratio R`: R synthetic rows per real row: every real row, plus round(R x real rows) synthetic.
+  `--ratio auto`: the `best_ratio` of the version's uplift measurement (--synthetic a registered
+  MODEL, evaluated with the `uplift` metric before it was registered); the version is pinned, so
+  an alias that moves meanwhile changes nothing.
 
 Real and synthetic rows are interleaved evenly (output row j is real when floor((j+1) n_real / n)
 > floor(j n_real / n)), so each shard holds both in the chosen proportion and each shard's rows are
@@ -154,7 +157,23 @@ def real_rows_before(position: np.ndarray | int, num_real: int, total: int) -> n
     return np.asarray(position, dtype=np.int64) * num_real // total
 
 
-def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int = 10_000, seed: int = 0,
+def auto_ratio(synthetic: str) -> tuple[float, str]:
+    """`--ratio auto`: (the version's best uplift ratio, models:/NAME/VERSION of that version)."""
+    from ganpipe.generators import BEST_RATIO_TAG, resolve_version
+
+    if not synthetic.startswith("models:/"):
+        raise UserError(f"--ratio auto: needs --synthetic to be a registered model (models:/NAME@ALIAS or "
+                        f"models:/NAME/VERSION) with an uplift measurement; got {synthetic}")
+    version = resolve_version(synthetic)
+    pinned = f"models:/{version.name}/{version.version}"
+    best = (version.tags or {}).get(BEST_RATIO_TAG)
+    if best is None:
+        raise UserError(f"--ratio auto: {pinned} has no uplift measurement (no {BEST_RATIO_TAG} tag); evaluate "
+                        "its run with the uplift metric (eval.metrics) before registering it, or give --ratio R")
+    return float(best), pinned
+
+
+def augment(real: str, synthetic: str, ratio: float | str, out: str, shard_size: int = 10_000, seed: int = 0,
             endpoint_url: str | None = None, wait: bool = False) -> dict[str, Any]:
     """`ganpipe augment`: write (or finish writing) the mixed dataset; return the contract's result.
     `out` is owned and locked as an export's (ganpipe.shards.own_output; `wait` for its lock)."""
@@ -164,7 +183,11 @@ def augment(real: str, synthetic: str, ratio: float, out: str, shard_size: int =
     from ganpipe.data import ingest, open_prepared
     from ganpipe.generators import is_model_ref
 
-    if not ratio > 0:
+    if ratio == "auto":
+        ratio, synthetic = auto_ratio(synthetic)
+        print(f"--ratio auto: {ratio:g} synthetic rows per real row, the best ratio of {synthetic}'s uplift",
+              file=sys.stderr)
+    if not isinstance(ratio, float | int) or not ratio > 0:
         raise UserError(f"--ratio: expected a positive number of synthetic rows per real row, got {ratio}")
     if shard_size < 1:
         raise UserError("--shard-size must be at least 1")
@@ -283,7 +306,7 @@ def _finish(layout: ShardLayout, identity: dict[str, Any], classes: list[str] | 
     manifest_uri = finish_dataset(layout.out, manifest, augment_card(layout, manifest), endpoint_url)
     return {"out": layout.out, "num_images": layout.num_rows, "num_real": identity["num_real"],
             "num_synthetic": identity["num_synthetic"], "num_shards": layout.num_shards,
-            "manifest": manifest_uri, "shards_written": written, "warnings": warnings}
+            "manifest": manifest_uri, "shards_written": written, "warnings": warnings, "ratio": identity["ratio"]}
 
 
 def augment_card(layout: ShardLayout, manifest: dict[str, Any]) -> str:

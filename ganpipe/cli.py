@@ -81,6 +81,15 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _ratio(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of synthetic rows per real row, or auto") from None
+
+
 def _class_counts(text: str) -> dict[str, int]:
     try:
         return {str(k): int(v) for k, v in json.loads(text).items()}
@@ -141,6 +150,7 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
             lines.append(f"{name}: unavailable ({result.get('error', 'failed')})")
         else:
             lines.append(f"{name}: {result['value']:.4f} ± {result.get('uncertainty') or 0:.4f}"
+                         + (f" (best ratio {result['best_ratio']:g})" if result.get("best_ratio") else "")
                          + (f"  [{result['warning']}]" if result.get("warning") else ""))
     return lines
 
@@ -152,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     e = cfg.eval
     results = evaluate_sources(args.real, args.fake, e.metrics, e.num_samples, bootstrap=e.bootstrap,
                                inception_weights=e.inception_weights, resolution=e.resolution, seed=cfg.seed,
-                               endpoint_url=cfg.storage.endpoint_url, num_processes=e.num_processes)
+                               endpoint_url=cfg.storage.endpoint_url, num_processes=e.num_processes, settings=e)
     _emit(args, results, _metric_lines(results))
     if results and all(r.get("value") is None for r in results.values()):
         raise EvaluationFailed("no metric could be computed: " +
@@ -288,7 +298,8 @@ def build_parser() -> Parser:
                         "the `eval` and `storage` sections and `seed`")
     p.add_argument("--real", required=True, help="dataset: anything data.source accepts, or an image folder")
     p.add_argument("--fake", required=True, help="MODEL (models:/NAME@ALIAS, models:/NAME/VERSION, run dir) or dataset")
-    p.add_argument("--metrics", type=_comma_list, help="eval.metrics, comma-separated: fid,kid,pr,cas,fd_domain "
+    p.add_argument("--metrics", type=_comma_list, help="eval.metrics, comma-separated: fid,kid,pr,cas,fd_domain,"
+                   "uplift,coverage,density "
                    f"(default {','.join(defaults.eval.metrics)})")
     p.add_argument("--num-samples", type=int,
                    help=f"eval.num_samples: samples per side (default {defaults.eval.num_samples})")
@@ -355,7 +366,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("augment", help="mix real and synthetic rows at a chosen ratio into one dataset")
     p.add_argument("--real", required=True, help="real dataset: anything data.source accepts")
     p.add_argument("--synthetic", required=True, help="a finished `ganpipe export` (path or s3:// URI), or a MODEL")
-    p.add_argument("--ratio", type=float, required=True, help="synthetic rows per real row, e.g. 0.5")
+    p.add_argument("--ratio", type=_ratio, required=True, help="synthetic rows per real row, e.g. 0.5; auto: the "
+                   "best ratio of the version's uplift measurement (--synthetic a registered MODEL)")
     p.add_argument("--out", required=True, help="local path or s3:// URI")
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0, help="export seed of the generated rows when --synthetic is a MODEL")

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from ganpipe import network, strict_yaml
+from ganpipe.metric_settings import MetricSettings
 
 
 class _Section(BaseModel):
@@ -249,7 +250,9 @@ class TrainConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(_Section, MetricSettings):
+    """Also the metrics' own keys (uplift_*, prdc_k): ganpipe.metric_settings."""
+
     metrics: list[str] = Field(default_factory=lambda: ["fd_domain"])
     num_samples: int = Field(2048, ge=2)
     inception_weights: str | None = None

@@ -29,6 +29,7 @@ from ganpipe.data.ingest import MixedSizes
 from ganpipe.data.pairs import holdout_split
 from ganpipe.errors import UserError
 from ganpipe.generators import is_model_ref, label_weights, load_generator
+from ganpipe.metric_settings import MetricSettings
 from ganpipe.metrics import (
     METRICS,
     EvalContext,
@@ -83,21 +84,31 @@ def require_standard_weights(metrics: list[str], inception_weights: str | None) 
         raise UserError(f"{', '.join(metrics)}: {exc}") from None
 
 
+def metric_settings(settings: MetricSettings | dict[str, Any] | None) -> MetricSettings:
+    """The metric keys alone (an EvalConfig carries them beside its own), or their defaults."""
+    if isinstance(settings, MetricSettings):
+        settings = settings.model_dump(include=set(MetricSettings.model_fields))
+    return MetricSettings(**(settings or {}))
+
+
 def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int, *, bootstrap: int = 20,
                      inception_weights: str | None = None, resolution: int | None = None, seed: int = 0,
                      endpoint_url: str | None = None, num_processes: int = 1,
-                     accelerator: Any | None = None) -> dict[str, Any]:
+                     accelerator: Any | None = None, settings: MetricSettings | dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """`ganpipe evaluate --real SRC --fake SRC`. When both are datasets, both are prepared at
     `resolution` (eval.resolution), by default the real data's own (the fake side is brought to
     it). A MODEL is compared against the real data brought to the model's resolution. Every
-    metric sees the same samples, and reports the resolution they had."""
+    metric sees the same samples, and reports the resolution they had. `settings` (the eval
+    section, or just its metric keys) tune single metrics."""
     check_request(metrics, num_samples, inception_weights)
     if accelerator is None:
         require_standard_weights(metrics, inception_weights)
+    settings = metric_settings(settings)
     if num_processes > 1 and accelerator is None:
         request = {"real": real, "fake": fake, "metrics": metrics, "num_samples": num_samples, "bootstrap": bootstrap,
                    "inception_weights": inception_weights, "resolution": resolution, "seed": seed,
-                   "endpoint_url": endpoint_url}
+                   "endpoint_url": endpoint_url, "settings": settings.model_dump(mode="json")}
         return launch_evaluation(request, num_processes)
     if is_model_ref(real):
         raise UserError("--real: expected a dataset (data.source, image folder), not a model")
@@ -116,7 +127,7 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
             fake_data = _prepare_real(fake, data.sample_shape[1], data.sample_shape[0], endpoint_url)
             fake_samples = RealSamples(fake_data, num_samples, seed + 1)
     ctx = EvalContext(RealSamples(data, num_samples, seed), fake_samples, bootstrap=bootstrap, seed=seed,
-                      inception_weights=inception_weights, accelerator=accelerator)
+                      inception_weights=inception_weights, accelerator=accelerator, settings=settings)
     results = evaluate(ctx, metrics)
     if ctx.is_main and loaded is not None and loaded.source.get("run_dir") and not fake.startswith("models:/"):
         record_evaluation(Path(loaded.source["run_dir"]), results, num_samples, loaded.source["generator_sha256"],
@@ -139,7 +150,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
                                  loaded.source["generator_sha256"], data.fingerprint)
     fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, label_weights(data, loaded.spec), device)
     ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
-                      inception_weights=e.inception_weights)
+                      inception_weights=e.inception_weights, settings=metric_settings(e))
     results = evaluate(ctx, e.metrics)
     return record_evaluation(run_dir, results, e.num_samples, loaded.source["generator_sha256"], data.fingerprint)
 
@@ -183,6 +194,8 @@ def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,
             if result.get("value") is not None:
                 client.log_metric(run_id, f"eval_{name}", float(result["value"]))
                 client.log_metric(run_id, f"eval_{name}_uncertainty", float(result.get("uncertainty") or 0.0))
+                if result.get("best_ratio") is not None:  # uplift: the mix that helped most
+                    client.log_metric(run_id, f"eval_{name}_best_ratio", float(result["best_ratio"]))
     return evaluation
 
 

@@ -36,6 +36,8 @@ SHA_TAG = "ganpipe.generator_sha256"
 # The sha256 of spec.json: the spec decides how the weights are used (shapes, classes, the vector
 # statistics), so it is covered like them. Versions registered before it have only SHA_TAG.
 SPEC_SHA_TAG = "ganpipe.spec_sha256"
+# The best mix of the version's uplift measurement (synthetic rows per real row): `augment --ratio auto`.
+BEST_RATIO_TAG = "ganpipe.metric.uplift.best_ratio"
 MAX_SPEC_BYTES = 16 << 20  # a spec is a few kB, even with thousands of columns or classes
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,

@@ -37,10 +37,10 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from ganpipe import network, networks, runs, tracking
 from ganpipe.config import check_name
 from ganpipe.errors import UserError, show
-from ganpipe.generators import SHA_TAG, SPEC_SHA_TAG, read_generator
+from ganpipe.generators import BEST_RATIO_TAG, SHA_TAG, SPEC_SHA_TAG, read_generator
 from ganpipe.metrics import METRICS
 from ganpipe.networks import NetworkSpec, generate
-from ganpipe.previews import save_grid
+from ganpipe.previews import save_grid, save_uplift_plot
 
 MODEL_ARTIFACT = "generator"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -183,6 +183,8 @@ def _lineage_tags(run_dir: Path, info: dict[str, Any], cfg: Any, generator_dir: 
         if isinstance(result, dict) and result.get("value") is not None:
             tags[f"ganpipe.metric.{metric}"] = repr(float(result["value"]))
             tags[f"ganpipe.metric.{metric}.uncertainty"] = repr(float(result.get("uncertainty") or 0.0))
+    if _valid((evaluation.get("metrics") or {}).get("uplift")):
+        tags[BEST_RATIO_TAG] = repr(float(evaluation["metrics"]["uplift"]["best_ratio"]))
     if evaluation.get("num_samples"):
         tags["ganpipe.eval_num_samples"] = str(evaluation["num_samples"])
     if evaluation.get("metrics"):
@@ -243,7 +245,7 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
     client.update_model_version(name, version.version, description=card)
     grid = save_version_grid(run_dir, int(version.version), model, spec)
     if version.run_id:
-        _log_version_artifacts(client, version, card, decision, grid)
+        _log_version_artifacts(client, version, card, decision, grid, evaluation)
     return {"name": name, "version": int(version.version), "aliases": aliases,
             "model_uri": f"models:/{name}/{version.version}", "decision": decision.reason,
             "sample_grid": str(grid) if grid else None}
@@ -295,14 +297,41 @@ def save_version_grid(run_dir: Path, version: int, model: torch.nn.Module, spec:
     return grid
 
 
-def _log_version_artifacts(client: Any, version: Any, card: str, decision: Decision, grid: Path | None) -> None:
-    """The model card, a sample grid and the promotion decision, under registry/vN/ in the run."""
+def _log_version_artifacts(client: Any, version: Any, card: str, decision: Decision, grid: Path | None,
+                           evaluation: dict[str, Any]) -> None:
+    """The model card, a sample grid and the promotion decision, under registry/vN/ in the run;
+    with an uplift measurement, its per-ratio table (uplift.json) and accuracy-versus-ratio plot
+    (uplift.png) too."""
     folder = f"registry/v{version.version}"
     client.log_text(version.run_id, card, f"{folder}/model_card.md")
     client.log_dict(version.run_id, {"version": int(version.version), "alias": decision.alias,
                                      "reason": decision.reason}, f"{folder}/promotion.json")
     if grid is not None:
         client.log_artifact(version.run_id, str(grid), folder)
+    uplift = (evaluation.get("metrics") or {}).get("uplift")
+    if _valid(uplift):
+        client.log_dict(version.run_id, uplift, f"{folder}/uplift.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = Path(tmp) / "uplift.png"
+            save_uplift_plot(uplift["ratios"], uplift["real_only"], plot)
+            client.log_artifact(version.run_id, str(plot), folder)
+
+
+def uplift_section(evaluation: dict[str, Any]) -> str:
+    """The model card's per-ratio table of an uplift measurement ('' without one)."""
+    uplift = (evaluation.get("metrics") or {}).get("uplift")
+    if not _valid(uplift):
+        return ""
+    real = uplift["real_only"]
+    rows = [f"| real only | {real['mean']:.4f} ± {real['std_error']:.4f} | |"]
+    rows += [f"| {row['ratio']:g} | {row['accuracy_mean']:.4f} ± {row['accuracy_std_error']:.4f} | "
+             f"{row['uplift']:+.4f} ± {row['uplift_std_error']:.4f} |" for row in uplift["ratios"]]
+    holdout = uplift["holdout"]
+    return (f"\n\n### Augmentation value\nA {uplift['classifier']} classifier on {uplift['num_real']} real rows, "
+            f"plus synthetic rows at each ratio, scored on {holdout['num_rows']} held-out real rows "
+            f"({holdout['rule']}; seed {holdout['seed']}), {uplift['repeats']} repeats. Best ratio: "
+            f"{uplift['best_ratio']:g}. Note: {holdout['caveat']}.\n\n"
+            "| synthetic per real | accuracy | uplift |\n|---|---|---|\n" + "\n".join(rows))
 
 
 def model_card(name: str, version: int, spec: NetworkSpec, tags: dict[str, str], evaluation: dict[str, Any],
@@ -313,6 +342,7 @@ def model_card(name: str, version: int, spec: NetworkSpec, tags: dict[str, str],
             rows.append(f"| {metric} | {result['value']:.4g} | {result.get('uncertainty') or 0:.3g} |")
     table = "\n".join(["| metric | value | uncertainty |", "|---|---|---|", *rows]) if rows \
         else f"_not evaluated ({tags['ganpipe.evaluation_status']})_"
+    table += uplift_section(evaluation)
     kind = (f"{spec.sample_shape[1]}x{spec.sample_shape[2]} images, {spec.sample_shape[0]} channel(s)"
             if spec.is_image else f"vectors with columns {', '.join(spec.columns)}")
     conditional = f"conditional on {spec.num_classes} classes ({', '.join(spec.classes)})" \

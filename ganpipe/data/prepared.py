@@ -164,6 +164,12 @@ class PreparedData:
         labels = np.concatenate([np.asarray(s) for s in self._label_shards]) if self._label_shards else None
         return data, labels
 
+    def all_labels(self) -> np.ndarray | None:
+        """Every record's label id, in record order, without reading the images (None: unlabelled)."""
+        if not self._label_shards:
+            return None
+        return np.concatenate([np.asarray(s) for s in self._label_shards]).astype(np.int64)
+
     @property
     def vector_stats(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.meta["mean"], dtype=np.float32), np.asarray(self.meta["std"], dtype=np.float32)

@@ -31,6 +31,7 @@ import torch
 
 from ganpipe import storage
 from ganpipe.errors import UserError
+from ganpipe.metric_settings import MetricSettings
 from ganpipe.metrics.frechet import frechet_with_uncertainty, gaussian_stats
 from ganpipe.metrics.parallel import gather_rows, shard
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
@@ -70,8 +71,10 @@ class EvalContext:
     seed: int = 0
     inception_weights: str | None = None
     accelerator: Any | None = None  # an accelerate.Accelerator when run under `accelerate launch`
+    settings: MetricSettings = field(default_factory=MetricSettings)  # the eval.* keys of single metrics
     _extractors: dict[str, Any] = field(default_factory=dict)
     _features: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    _shared: dict[Any, dict[str, Any]] = field(default_factory=dict)  # results two metrics share
 
     @property
     def device(self) -> torch.device:
@@ -210,20 +213,68 @@ def _pr(ctx: EvalContext) -> dict[str, Any]:
                             device=ctx.device)
 
 
+def _conditional_generator(ctx: EvalContext, metric: str) -> GeneratedSamples:
+    """The generated side, when it is a conditional generator of the real data's classes."""
+    fake, data = ctx.fake, ctx.real.data
+    if not isinstance(fake, GeneratedSamples) or not fake.spec.conditional:
+        raise MetricUnavailable(f"{metric} needs a conditional generator as --fake")
+    if data.num_classes != fake.spec.num_classes or (fake.spec.classes and tuple(data.classes or ()) !=
+                                                     tuple(fake.spec.classes)):
+        raise MetricUnavailable(f"{metric} needs real data labelled with the generator's classes "
+                                f"({', '.join(fake.spec.classes) or fake.spec.num_classes}); the real data has "
+                                f"{', '.join(data.classes or []) or 'no labels'}")
+    return fake
+
+
 def _cas(ctx: EvalContext) -> dict[str, Any]:
     from ganpipe.metrics.cas import cas
 
-    fake, data = ctx.fake, ctx.real.data
-    if not isinstance(fake, GeneratedSamples) or not fake.spec.conditional:
-        raise MetricUnavailable("CAS needs a conditional generator as --fake")
-    if data.kind != "image":
+    if ctx.real.data.kind != "image":
         raise MetricUnavailable("CAS is implemented for image data")
-    if data.num_classes != fake.spec.num_classes or (fake.spec.classes and tuple(data.classes or ()) !=
-                                                     tuple(fake.spec.classes)):
-        raise MetricUnavailable(f"CAS needs real data labelled with the generator's classes "
-                                f"({', '.join(fake.spec.classes) or fake.spec.num_classes}); the real data has "
-                                f"{', '.join(data.classes or []) or 'no labels'}")
-    return cas(data, fake, seed=ctx.seed)
+    return cas(ctx.real.data, _conditional_generator(ctx, "CAS"), seed=ctx.seed)
+
+
+def _uplift(ctx: EvalContext) -> dict[str, Any]:
+    from ganpipe.metrics.uplift import uplift
+
+    fake = _conditional_generator(ctx, "uplift")
+    return uplift(ctx.real.data, fake.loaded, ctx.settings, seed=ctx.seed, device=fake.device)
+
+
+def _neighbourhood_features(ctx: EvalContext) -> str:
+    """coverage/density's features: Inception's when its weights are here, else fd_domain's
+    (for vectors: the standardised vectors)."""
+    try:
+        ctx.extractor("inception")
+        return "inception"
+    except MetricUnavailable:
+        return "domain"
+
+
+def _coverage_density(ctx: EvalContext) -> dict[str, Any]:
+    from ganpipe.metrics.coverage import coverage_density
+
+    features = _neighbourhood_features(ctx)
+    key = ("coverage_density", features, ctx.settings.prdc_k)
+    if key not in ctx._shared:
+        real, fake = ctx.features(features, ctx.real), ctx.features(features, ctx.fake)
+        try:
+            result = coverage_density(real, fake, ctx.settings.prdc_k, ctx.device)
+        except ValueError as exc:
+            raise MetricUnavailable(str(exc)) from None
+        kind = ctx.extractor(features).info.get("kind", features) if features == "domain" else "inception"
+        ctx._shared[key] = result | {"features": kind}
+    return ctx._shared[key]
+
+
+def _coverage(ctx: EvalContext) -> dict[str, Any]:
+    result = _coverage_density(ctx)
+    return {"value": result["coverage"], "uncertainty": result["coverage_uncertainty"]} | result
+
+
+def _density(ctx: EvalContext) -> dict[str, Any]:
+    result = _coverage_density(ctx)
+    return {"value": result["density"], "uncertainty": result["density_uncertainty"]} | result
 
 
 def _super_resolution(ctx: EvalContext) -> dict[str, Any]:
@@ -237,7 +288,11 @@ class Metric:
     higher_is_better: bool
     compute: Callable[[EvalContext], dict[str, Any]]
     description: str
-    extractor: str | None = None  # the features it needs: extracted by every process together
+    # The features it needs (a name, or a function choosing one): extracted by every process together.
+    extractor: str | Callable[[EvalContext], str] | None = None
+
+    def features(self, ctx: EvalContext) -> str | None:
+        return self.extractor(ctx) if callable(self.extractor) else self.extractor
 
 
 METRICS: dict[str, Metric] = {
@@ -253,6 +308,12 @@ METRICS: dict[str, Metric] = {
     "psnr": Metric("psnr", True, _super_resolution, "super-resolution: PSNR (dB) on held-out images, border "
                    "cropped by the scale, Y channel by default; psnr_bicubic beside it"),
     "ssim": Metric("ssim", True, _super_resolution, "super-resolution: SSIM on held-out images (as psnr)"),
+    "uplift": Metric("uplift", True, _uplift, "augmentation value: held-out accuracy gained by a downstream "
+                     "classifier trained on real + synthetic rows at the best of eval.uplift_ratios"),
+    "coverage": Metric("coverage", True, _coverage, "coverage (Naeem et al. 2020): share of real samples with a "
+                       "generated one within their k-NN ball; falls when modes are dropped", _neighbourhood_features),
+    "density": Metric("density", True, _density, "density (Naeem et al. 2020): mean number of real k-NN balls "
+                      "holding a generated sample, over k (about 1 when the sides match)", _neighbourhood_features),
 }
 
 
@@ -276,9 +337,10 @@ def evaluate(ctx: EvalContext, names: list[str]) -> dict[str, dict[str, Any]]:
     for name in names:
         metric = METRICS[name]
         try:
-            if metric.extractor and world > 1:
-                ctx.features(metric.extractor, ctx.real)
-                ctx.features(metric.extractor, ctx.fake)
+            features = metric.features(ctx) if world > 1 else None
+            if features:
+                ctx.features(features, ctx.real)
+                ctx.features(features, ctx.fake)
             if rank == 0:
                 results[name] = metric.compute(ctx) | shown
         except MetricUnavailable as exc:
