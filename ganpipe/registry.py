@@ -285,25 +285,35 @@ def _current(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")  # the registered model's code (models from code)
+
+
+def write_code_package(folder: Path) -> Path:
+    """The code a registered generator ships with, in `folder`: the package `ganpipe_generator`
+    holding ganpipe's networks. Returns the package's path (MLflow's code_paths entry)."""
+    package = folder / "ganpipe_generator"
+    package.mkdir()
+    (package / "__init__.py").write_text('"""ganpipe\'s networks, shipped with a registered generator."""\n')
+    # The networks package as `ganpipe_generator.networks`: the import path of versions registered
+    # when the networks were one file (networks.py), so a process holding both kinds of version
+    # (Python imports `ganpipe_generator` once) still finds what each one's mlflow_model.py imports.
+    (package / "networks").mkdir()
+    for source in sorted(Path(networks.__file__).parent.glob("*.py")):
+        shutil.copyfile(source, package / "networks" / source.name)
+    return package
+
+
 def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[str, Any], cfg: Any,
                       generator_dir: Path, weights_sha: str, spec_sha: str) -> Any:
     """Log the pyfunc into the run's MLflow run (a new run when this store does not know it) and
     register it, tagged with its files' sha256s from the start so a retry finds it."""
     with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp) / "ganpipe_generator"
-        package.mkdir()
-        (package / "__init__.py").write_text('"""ganpipe\'s networks, shipped with a registered generator."""\n')
-        # The networks package as `ganpipe_generator.networks`: the import path of versions registered
-        # when the networks were one file (networks.py), so a process holding both kinds of version
-        # (Python imports `ganpipe_generator` once) still finds what each one's mlflow_model.py imports.
-        (package / "networks").mkdir()
-        for source in sorted(Path(networks.__file__).parent.glob("*.py")):
-            shutil.copyfile(source, package / "networks" / source.name)
+        package = write_code_package(Path(tmp))
         experiment = tracking.experiment_id(cfg.registry.name)
         with mlflow.start_run(run_id=tracking.known_run(info.get("mlflow_run_id")), experiment_id=experiment,
                               run_name=run_dir.name):
             logged = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE),
                 artifacts={"weights": str(generator_dir / "generator.safetensors"),
                            "spec": str(generator_dir / "spec.json")},
                 code_paths=[str(package)], signature=_signature(spec), input_example=_input_example(spec),

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -270,3 +271,44 @@ def test_export_killed_part_way_reruns_to_the_uninterrupted_rows(sr_run: Path, t
     assert last_json(rerun.stdout)["shards_written"] == 12 - committed
     assert exported_rows(out).equals(exported_rows(reference))
     assert exported_rows(out).column("source_index").to_pylist() == list(range(60))
+
+
+# --- the pipeline, as a user runs it -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_pipeline_runs_the_shipped_sr_config_and_exports_the_held_out_images(tmp_path: Path,
+                                                                                  ganpipe_home: Path) -> None:
+    """configs/srgan-x2.yaml unchanged but for its step counts: ingest -> train -> evaluate ->
+    register -> export, whose rows are the held-out images super-resolved; the registered model
+    loads and super-resolves in a process without ganpipe."""
+    import datasets
+
+    steps = ["train.pretrain_steps=3", "train.critic_pretrain_steps=2", "train.steps=2", "train.checkpoint_every=100",
+             "train.sample_every=100", "train.log_every=1"]
+    result = run_cli("pipeline", str(ROOT / "configs" / "srgan-x2.yaml"), *[a for s in steps for a in ("--set", s)],
+                     "--json", env={"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json(result.stdout)
+    assert summary["model_uri"] == "models:/photos-srgan-x2/1" and summary["aliases"] == ["champion"]
+    assert summary["metrics"]["psnr"]["value"] > 0 and summary["metrics"]["psnr_bicubic"]["value"] > 0
+    export = summary["export"]
+    assert export["num_images"] == 5 and export["input"].startswith("the held-out images of ")  # 10% of 48 tiles
+    rows = datasets.load_dataset("parquet", data_files=str(Path(export["out"]) / "data/*.parquet"), split="train")
+    from ganpipe.data.pairs import holdout_split
+
+    assert rows["source_index"] == holdout_split(48, 0.1)[1].tolist()
+    script = f"""
+import io, sys, mlflow, numpy as np, pandas as pd
+from PIL import Image
+mlflow.set_tracking_uri("sqlite:///{ganpipe_home}/mlflow.db")
+model = mlflow.pyfunc.load_model("models:/photos-srgan-x2@champion")
+assert "ganpipe" not in sys.modules
+buffer = io.BytesIO()
+Image.fromarray(np.zeros((21, 17, 3), np.uint8)).save(buffer, format="PNG")
+out = model.predict(pd.DataFrame({{"image": [buffer.getvalue()]}}))
+assert len(out) == 1 and out[0].shape == (42, 34, 3) and out[0].dtype == np.uint8, out[0].shape
+print("ok")
+"""
+    check = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": ""}, timeout=300)
+    assert check.returncode == 0 and check.stdout.strip().endswith("ok"), check.stderr[-3000:]
