@@ -187,17 +187,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from ganpipe.export import export
     from ganpipe.quality_gates import GateSettings
+    from ganpipe.sr_export import export_super_resolved
 
     cfg = _command_config(args, EXPORT_FLAGS)
-    if cfg.export.input:  # super-resolve a dataset rather than sample one
-        from ganpipe.sr_export import export_super_resolved
-
-        result = export_super_resolved(args.model, cfg.export, cfg.storage.endpoint_url, wait=args.wait)
-        _emit(args, result, [f"super-resolved {result['num_images']} images of {result['input']} in "
-                             f"{result['num_shards']} shard(s) to {result['out']} ({result['shards_written']} "
-                             f"shard(s) written now)", f"manifest: {result['manifest']}"])
-        return
-    result = export(args.model, cfg.export, cfg.storage.endpoint_url, wait=args.wait)
+    write = export_super_resolved if cfg.export.input else export  # --input: super-resolve, not sample
+    result = write(args.model, cfg.export, cfg.storage.endpoint_url, wait=args.wait)
     summary = [f"exported {result['num_images']} rows in {result['num_shards']} shard(s) to {result['out']} "
                f"({result['shards_written']} shard(s) written now)", f"manifest: {result['manifest']}"]
     if GateSettings.from_config(cfg.export).enabled:
@@ -346,10 +340,8 @@ def build_parser() -> Parser:
     p = _command_parser(sub, "export", "bulk synthetic dataset (parquet shards or image folder)", "export",
                         "the `export` and `storage` sections")
     p.add_argument("--model", required=True, help="MODEL: models:/NAME@ALIAS, models:/NAME/VERSION or a run dir")
-    p.add_argument("--num-images", type=int, help="export.num_images: rows to write (required, here or in the config; "
-                   "not with --input)")
-    p.add_argument("--input", help="export.input: super-resolution models: the dataset to super-resolve (anything "
-                   "data.source accepts); one row per image")
+    p.add_argument("--num-images", type=int, help="export.num_images: rows to write (required unless --input)")
+    p.add_argument("--input", help="export.input: super-resolution models: the dataset to super-resolve (a data.source)")
     p.add_argument("--image-column", help="export.image_column: --input's image column (default: its first)")
     p.add_argument("--out", help="export.out: local path or s3:// URI (required, here or in the config)")
     p.add_argument("--format", choices=["parquet", "imagefolder"],
