@@ -27,7 +27,9 @@ def export_flow(config_path: str, overrides: list[str] | None = None, model_uri:
     from ganpipe.export import export_location  # torch: loaded when the flow runs, not when it is imported
 
     cfg = load_flow_config(config_path, overrides)
-    if cfg.export.num_images < 1:
+    if cfg.model.family == "srgan" and not cfg.export.input:
+        raise UserError("export.input: set the dataset to super-resolve (e.g. --set export.input=path/to/images)")
+    if cfg.model.family != "srgan" and cfg.export.num_images < 1:
         raise UserError("export.num_images: set how many rows to export (e.g. --set export.num_images=10000)")
     model = run_stage("resolve-model", resolve_model_task, model_uri or champion_uri(cfg))
     out = out or export_location(cfg.export, cfg.registry.name, model["label"])

@@ -160,14 +160,21 @@ def register_task(run_dir: str) -> dict[str, Any]:
 
 @task(name="export", cache_policy=NO_CACHE, **RETRIES)
 def export_task(model_uri: str, out: str, config_path: str, overrides: list[str] | None,
-                training_counts: dict[str, int] | None) -> dict[str, Any]:
+                training_counts: dict[str, int] | None, held_out_of: str | None = None) -> dict[str, Any]:
     """The config's `export` section (quality gates and class counts included), written to `out`.
-    Finished shards are kept, so a retry continues where the failed attempt stopped."""
+    Super-resolution configs super-resolve `export.input`, else the held-out images of the run
+    `held_out_of`, instead of sampling. Finished shards are kept, so a retry continues where the
+    failed attempt stopped."""
+    cfg = load_flow_config(config_path, overrides)
+    settings = cfg.export.model_copy(update={"out": out})
+    if cfg.model.family == "srgan":
+        from ganpipe.sr_export import export_super_resolved
+
+        return export_super_resolved(model_uri, settings, cfg.storage.endpoint_url,
+                                     held_out_of=Path(held_out_of) if held_out_of else None)
     from ganpipe.export import export
 
-    cfg = load_flow_config(config_path, overrides)
-    return export(model_uri, cfg.export.model_copy(update={"out": out}), cfg.storage.endpoint_url,
-                  training_counts=training_counts)
+    return export(model_uri, settings, cfg.storage.endpoint_url, training_counts=training_counts)
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, **RETRIES)
@@ -196,9 +203,10 @@ def run_stage(name: str, fn: Any, *args: Any) -> Any:
 
 @flow(name="ganpipe-training-pipeline")
 def training_pipeline(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """ingest -> train -> evaluate -> register -> export (when export.num_images > 0) of the config
-    at `config_path` with `overrides` (dotted.key=value). Each stage starts only when the one
-    before it succeeded: a failed evaluation registers nothing."""
+    """ingest -> train -> evaluate -> register -> export (when export.num_images > 0; always for
+    super-resolution, of export.input or else the run's held-out images) of the config at
+    `config_path` with `overrides` (dotted.key=value). Each stage starts only when the one before
+    it succeeded: a failed evaluation registers nothing."""
     cfg = load_flow_config(config_path, overrides)
     check_evaluation(cfg)
     data = run_stage("ingest", ingest_task, config_path, overrides)
@@ -206,12 +214,14 @@ def training_pipeline(config_path: str, overrides: list[str] | None = None) -> d
     evaluation = run_stage("evaluate", evaluate_task, trained["run_dir"], config_path, overrides)
     registered = run_stage("register", register_task, trained["run_dir"])
     exported = None
-    if cfg.export.num_images > 0:
+    super_resolution = cfg.model.family == "srgan"
+    if cfg.export.num_images > 0 or super_resolution:
         from ganpipe.export import export_location  # torch: loaded when a flow runs, not when it is imported
 
         out = export_location(cfg.export, cfg.registry.name, f"v{registered['version']}")
-        counts = _class_counts(data)
-        exported = run_stage("export", export_task, registered["model_uri"], out, config_path, overrides, counts)
+        counts = None if super_resolution else _class_counts(data)
+        exported = run_stage("export", export_task, registered["model_uri"], out, config_path, overrides, counts,
+                             trained["run_dir"] if super_resolution else None)
     summary = {
         "model_uri": registered["model_uri"], "version": registered["version"], "name": registered["name"],
         "aliases": registered["aliases"], "decision": registered["decision"],

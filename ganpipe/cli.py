@@ -57,7 +57,7 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None) -> Config:
 # override the config file and --set only when given; every default lives in ganpipe.config.
 EXPORT_FLAGS = {dest: f"export.{dest}" for dest in (
     "num_images", "out", "format", "shard_size", "class_balance", "class_counts", "seed", "num_processes",
-    "drop_lowest_d", "memorisation_check", "near_copy_ratio")}
+    "drop_lowest_d", "memorisation_check", "near_copy_ratio", "input", "image_column")}
 EVALUATE_FLAGS = {"seed": "seed", **{dest: f"eval.{dest}" for dest in (
     "metrics", "num_samples", "inception_weights", "bootstrap", "num_processes", "resolution")}}
 
@@ -172,7 +172,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_register(args: argparse.Namespace) -> None:
     from ganpipe.registry import register_run
 
-    result = register_run(Path(args.run), args.name)
+    result = register_run(Path(args.run), args.name, stage=args.stage)
     _emit(args, result, [f"registered {result['name']} version {result['version']} "
                          f"(aliases: {', '.join(result['aliases']) or 'none'})", result["decision"]])
 
@@ -187,9 +187,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from ganpipe.export import export
     from ganpipe.quality_gates import GateSettings
+    from ganpipe.sr_export import export_super_resolved
 
     cfg = _command_config(args, EXPORT_FLAGS)
-    result = export(args.model, cfg.export, cfg.storage.endpoint_url, wait=args.wait)
+    write = export_super_resolved if cfg.export.input else export  # --input: super-resolve, not sample
+    result = write(args.model, cfg.export, cfg.storage.endpoint_url, wait=args.wait)
     summary = [f"exported {result['num_images']} rows in {result['num_shards']} shard(s) to {result['out']} "
                f"({result['shards_written']} shard(s) written now)", f"manifest: {result['manifest']}"]
     if GateSettings.from_config(cfg.export).enabled:
@@ -318,7 +320,10 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("register", help="log and register a run's generator in MLflow")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--name", help="registered model name (default: the run's register.name)")
+    p.add_argument("--name", help="registered model name (default: the run's register.name; <register.name>-psnr "
+                   "with --stage psnr)")
+    p.add_argument("--stage", default="final", help="final (default): the run's generator/; psnr: a super-resolution "
+                   "run's PSNR-stage generator (generator-psnr/, the end of train.pretrain_steps)")
     _add_json(p)
     p.set_defaults(func=cmd_register)
 
@@ -335,7 +340,9 @@ def build_parser() -> Parser:
     p = _command_parser(sub, "export", "bulk synthetic dataset (parquet shards or image folder)", "export",
                         "the `export` and `storage` sections")
     p.add_argument("--model", required=True, help="MODEL: models:/NAME@ALIAS, models:/NAME/VERSION or a run dir")
-    p.add_argument("--num-images", type=int, help="export.num_images: rows to write (required, here or in the config)")
+    p.add_argument("--num-images", type=int, help="export.num_images: rows to write (required unless --input)")
+    p.add_argument("--input", help="export.input: super-resolution models: the dataset to super-resolve (a data.source)")
+    p.add_argument("--image-column", help="export.image_column: --input's image column (default: its first)")
     p.add_argument("--out", help="export.out: local path or s3:// URI (required, here or in the config)")
     p.add_argument("--format", choices=["parquet", "imagefolder"],
                    help=f"export.format (default {defaults.export.format})")

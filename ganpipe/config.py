@@ -274,6 +274,9 @@ class RegisterConfig(_Section):
 
 class ExportConfig(_Section):
     num_images: int = Field(0, ge=0, description="0: the pipeline exports nothing")
+    input: str | None = Field(None, description="super-resolution models: the dataset to super-resolve (any "
+                              "data.source); the pipeline's default: the run's held-out images")
+    image_column: str | None = Field(None, description="export.input's image column; default: its first image column")
     out: str | None = Field(None, description="local path or s3:// URI; flows default to "
                             "$GANPIPE_HOME/exports/<register.name>/v<version>")
     format: Literal["parquet", "imagefolder"] = "parquet"

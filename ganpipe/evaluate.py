@@ -28,7 +28,7 @@ from ganpipe.data import PreparedData, ingest, open_prepared
 from ganpipe.data.ingest import MixedSizes
 from ganpipe.data.pairs import holdout_split
 from ganpipe.errors import UserError
-from ganpipe.generators import is_model_ref, label_weights, load_generator
+from ganpipe.generators import is_model_ref, label_weights, load_generator, read_generator
 from ganpipe.metric_settings import MetricSettings
 from ganpipe.metrics import (
     METRICS,
@@ -144,10 +144,14 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     device = default_device()
     loaded = load_generator(str(run_dir), device)
     if loaded.spec.image_to_image:
+        held_out = len(holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)[1])
+        psnr_stage = runs.generator_dir(run_dir, "psnr")
+        if (psnr_stage / "generator.safetensors").exists():  # the PSNR model: registered on its own (--stage psnr)
+            files = read_generator(psnr_stage)
+            results = evaluate_super_resolution_run(files.generator.to(device), files.spec, data, cfg, device)
+            record_evaluation(run_dir, results, held_out, files.weights_sha256, data.fingerprint, stage="psnr")
         results = evaluate_super_resolution_run(loaded.generator, loaded.spec, data, cfg, device)
-        return record_evaluation(run_dir, results, len(holdout_split(data.num_records, cfg.data.holdout_fraction
-                                                                     or 0.1)[1]),
-                                 loaded.source["generator_sha256"], data.fingerprint)
+        return record_evaluation(run_dir, results, held_out, loaded.source["generator_sha256"], data.fingerprint)
     fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, label_weights(data, loaded.spec), device)
     ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
                       inception_weights=e.inception_weights, settings=metric_settings(e))
@@ -176,9 +180,10 @@ def evaluate_super_resolution_run(generator: torch.nn.Module, spec: Any, data: P
 
 
 def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,
-                      generator_sha256: str | None = None, reference_fingerprint: str | None = None
-                      ) -> dict[str, Any]:
-    """Write evaluation.json into the run (registration reads it) and log to its MLflow run.
+                      generator_sha256: str | None = None, reference_fingerprint: str | None = None,
+                      stage: str = "final") -> dict[str, Any]:
+    """Write evaluation.json into the run (registration reads it) and log to its MLflow run
+    (`stage` psnr: evaluation-psnr.json, metrics eval_psnr_stage_<name>).
     `generator_sha256` names the weights evaluated: registration ignores an evaluation of others.
     `reference_fingerprint` names the real data measured against: registration compares a
     version with the champion only when both were measured against the same data."""
@@ -186,16 +191,17 @@ def record_evaluation(run_dir: Path, results: dict[str, Any], num_samples: int,
     evaluation = {"status": "failed" if len(failed) == len(results) else "ok", "metrics": results,
                   "failed": failed, "num_samples": num_samples, "evaluated_at": time.time(),
                   "generator_sha256": generator_sha256, "reference_fingerprint": reference_fingerprint}
-    storage.write_json_atomic(str(run_dir / "evaluation.json"), evaluation)
+    storage.write_json_atomic(str(run_dir / runs.EVALUATION_FILES[stage]), evaluation)
+    prefix = "eval_" if stage == "final" else f"eval_{stage}_stage_"
     run_id = tracking.known_run(runs.read_info(run_dir).get("mlflow_run_id"))
     if run_id:
         client = MlflowClient()
         for name, result in results.items():
             if result.get("value") is not None:
-                client.log_metric(run_id, f"eval_{name}", float(result["value"]))
-                client.log_metric(run_id, f"eval_{name}_uncertainty", float(result.get("uncertainty") or 0.0))
+                client.log_metric(run_id, f"{prefix}{name}", float(result["value"]))
+                client.log_metric(run_id, f"{prefix}{name}_uncertainty", float(result.get("uncertainty") or 0.0))
                 if result.get("best_ratio") is not None:  # uplift: the mix that helped most
-                    client.log_metric(run_id, f"eval_{name}_best_ratio", float(result["best_ratio"]))
+                    client.log_metric(run_id, f"{prefix}{name}_best_ratio", float(result["best_ratio"]))
     return evaluation
 
 

@@ -33,7 +33,6 @@ import torch
 from ganpipe import network, storage
 from ganpipe.config import ExportConfig
 from ganpipe.errors import UserError
-from ganpipe.generate import refuse_image_to_image
 from ganpipe.generators import LoadedGenerator, load_generator
 from ganpipe.networks import NetworkSpec, generate
 from ganpipe.progress import Progress, duration
@@ -233,7 +232,9 @@ def export(model: str, settings: ExportConfig, endpoint_url: str | None = None, 
     gates = GateSettings.from_config(settings)
     loaded = load_generator(model)
     spec = loaded.spec
-    refuse_image_to_image(spec, "--model", "export")
+    if spec.image_to_image:
+        raise UserError(f"--num-images: {model} is a {spec.family} generator, which super-resolves images rather than "
+                        "sampling them; give --input SOURCE (the dataset to super-resolve) and no --num-images")
     if settings.format == "imagefolder" and not spec.is_image:
         raise UserError("--format imagefolder needs an image model")
     plan = ExportPlan(settings.out.rstrip("/"), settings.num_images, settings.shard_size, settings.format,

@@ -10,10 +10,19 @@ Input: a DataFrame with one row per sample: `seed` (int) and, for conditional mo
 (int). Optional params: `truncation` (float > 0: latent values beyond it are redrawn from the
 same seed). Output: uint8 N x H x W x C images, or float N x D vectors in data units.
 Same rows, same output.
+
+Super-resolution generators (spec.image_to_image) take a DataFrame with a column `image`: encoded
+PNG or JPEG (any format PIL reads) bytes, or a Hugging Face image struct {"bytes": ...}, one
+image of any size per row. Optional param `tile` (input pixels per tile side). Output: a list with
+one uint8 H*scale x W*scale x K array per row, K the input's channels (ganpipe_generator.networks.
+upscale: greyscale stays greyscale, alpha is upscaled bicubically and kept). Large images run in
+overlapping tiles with bounded memory. An image that cannot be decoded or processed is a
+ValueError naming its row. Decoding needs Pillow, which registered super-resolution models list.
 """
 
 from __future__ import annotations
 
+import io
 import json
 
 import mlflow
@@ -37,6 +46,8 @@ class GeneratorModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from ganpipe_generator.networks import generate
 
+        if self.spec.image_to_image:
+            return self.super_resolve(model_input, params)
         if "seed" not in model_input.columns:
             raise ValueError("input needs a 'seed' column (one row per sample)")
         seeds = [int(s) for s in model_input["seed"]]
@@ -58,6 +69,30 @@ class GeneratorModel(PythonModel):
         with torch.inference_mode():
             out = generate(self.generator, self.spec, seeds, labels, truncation=truncation or None)
         return out.numpy()
+
+    def super_resolve(self, model_input: pd.DataFrame, params: dict | None) -> list[np.ndarray]:
+        from ganpipe_generator.networks.upscale import DEFAULT_TILE, image_array, super_resolve_image
+        from PIL import Image
+
+        if "image" not in model_input.columns:
+            raise ValueError("input needs an 'image' column: encoded PNG or JPEG bytes, one image per row")
+        tile = int((params or {}).get("tile") or DEFAULT_TILE)
+        if tile < 1:
+            raise ValueError(f"params.tile must be a positive number of pixels, got {tile}")
+        outputs = []
+        for row, value in enumerate(model_input["image"]):
+            try:
+                data = value.get("bytes") if isinstance(value, dict) else value
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"expected encoded image bytes, got {type(data).__name__}")
+                with Image.open(io.BytesIO(bytes(data))) as image:
+                    array = image_array(image)
+                with torch.inference_mode():
+                    outputs.append(super_resolve_image(self.generator, self.spec, array, tile))
+            except Exception as exc:  # noqa: BLE001 - any failure is reported with the row it belongs to
+                raise ValueError(f"row {row}: cannot super-resolve this image ({type(exc).__name__}: "
+                                 f"{str(exc)[:300]})") from None
+        return outputs
 
 
 mlflow.models.set_model(GeneratorModel())

@@ -36,11 +36,16 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from ganpipe import network, networks, runs, tracking
 from ganpipe.config import check_name
+from ganpipe.data import open_prepared
+from ganpipe.data.pairs import holdout_split
 from ganpipe.errors import UserError, show
 from ganpipe.generators import BEST_RATIO_TAG, SHA_TAG, SPEC_SHA_TAG, read_generator
 from ganpipe.metrics import METRICS
+from ganpipe.metrics.sr import comparison_rows
 from ganpipe.networks import NetworkSpec, generate
+from ganpipe.networks.upscale import DEFAULT_TILE
 from ganpipe.previews import save_grid, save_uplift_plot
+from ganpipe.shards import encode_png
 
 MODEL_ARTIFACT = "generator"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -89,10 +94,11 @@ def _metric_from_tags(tags: dict[str, str], metric: str) -> dict[str, Any] | Non
     return {"value": value, "uncertainty": uncertainty}
 
 
-def _evaluation_for(run_dir: Path, weights_sha: str) -> dict[str, Any]:
-    """The run's evaluation.json when it is about these weights. An evaluation written before the
-    generator changed (training extended, not re-evaluated) must not vouch for the new weights."""
-    evaluation = runs.read_json(run_dir / "evaluation.json")
+def _evaluation_for(path: Path, weights_sha: str) -> dict[str, Any]:
+    """The run's evaluation file (evaluation.json; evaluation-psnr.json for the PSNR stage) when
+    it is about these weights. An evaluation written before the generator changed (training
+    extended, not re-evaluated) must not vouch for the new weights."""
+    evaluation = runs.read_json(path)
     if not evaluation:
         return {"status": "missing", "metrics": {}}
     evaluated = evaluation.get("generator_sha256")
@@ -124,6 +130,9 @@ def _decide(client: Any, name: str, version: Any, evaluation: dict[str, Any], ta
 # --- registration -------------------------------------------------------------------------------
 
 def _signature(spec: NetworkSpec):
+    if spec.image_to_image:  # one encoded image in per row, one array of its own size out: no fixed output shape
+        return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                              params=ParamSchema([ParamSpec("tile", "long", DEFAULT_TILE)]))
     inputs = [ColSpec("long", "seed")] + ([ColSpec("long", "label")] if spec.conditional else [])
     if spec.is_image:
         c, h, w = spec.sample_shape
@@ -135,15 +144,20 @@ def _signature(spec: NetworkSpec):
 
 
 def _input_example(spec: NetworkSpec):
+    if spec.image_to_image:
+        return pd.DataFrame({"image": [encode_png(np.full((8, 8, spec.sample_shape[0]), 128, np.uint8))]})
     example = {"seed": [0, 1]}
     if spec.conditional:
         example["label"] = [0, min(1, spec.num_classes - 1)]
     return pd.DataFrame(example)
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(spec: NetworkSpec) -> list[str]:
+    from PIL import __version__ as pillow_version  # super-resolution models decode their input images
+
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"safetensors=={safetensors.__version__}", "numpy", "pandas"]
+            f"safetensors=={safetensors.__version__}", "numpy", "pandas",
+            *([f"pillow=={pillow_version}"] if spec.image_to_image else [])]
 
 
 def _existing_version(client: Any, name: str, weights_sha: str, spec_sha: str) -> Any | None:
@@ -193,10 +207,14 @@ def _lineage_tags(run_dir: Path, info: dict[str, Any], cfg: Any, generator_dir: 
     return tags
 
 
-def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[str, bool] | None = None
-                 ) -> dict[str, Any]:
+def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[str, bool] | None = None,
+                 stage: str = "final") -> dict[str, Any]:
     """Log and register the run's EMA generator, tag its lineage, apply the alias rule.
-    `higher_is_better` overrides the metric directions of ganpipe.metrics.METRICS."""
+    `higher_is_better` overrides the metric directions of ganpipe.metrics.METRICS. `stage` psnr
+    registers a super-resolution run's PSNR-stage generator instead (by default as
+    `<register.name>-psnr`: its own model, whose champion competes only with other PSNR models)."""
+    if stage not in runs.STAGES:
+        raise UserError(f"--stage {show(stage)}: expected one of {', '.join(runs.STAGES)}")
     if name is not None:
         try:
             # MLflow allows more, but a name must survive models:/NAME@ALIAS parsing and search
@@ -209,11 +227,22 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
         raise UserError(f"--run {run_dir}: is a file, not a run directory")
     if not runs.is_run_dir(run_dir):
         raise UserError(f"--run {run_dir}: not a ganpipe run directory")
-    generator_dir = runs.generator_dir(run_dir)
-    if not (generator_dir / "generator.safetensors").exists():
-        raise UserError(f"--run {run_dir}: training has not finished (no generator/)")
+    generator_dir = runs.generator_dir(run_dir, stage)
     cfg = runs.load_run_config(run_dir)
-    name = name or cfg.registry.name  # register.name: checked as a name when the config loaded
+    if stage == "psnr" and cfg.model.family != "srgan":
+        raise UserError(f"--stage psnr: only super-resolution runs (model.family srgan) have a PSNR-stage generator; "
+                        f"{run_dir} is a {cfg.model.family} run")
+    if not (generator_dir / "generator.safetensors").exists():
+        why = "its pretraining (train.pretrain_steps) has not finished or has no steps" if stage == "psnr" \
+            else "training has not finished"
+        raise UserError(f"--run {run_dir}: {why} (no {generator_dir.name}/)")
+    # register.name was checked as a name when the config loaded; its -psnr form is checked here.
+    name = name or (cfg.registry.name if stage == "final" else f"{cfg.registry.name}-psnr")
+    if stage == "psnr":
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise UserError(f"--name {show(name)}: {exc}") from None
     primary = cfg.registry.primary_metric
     directions = {k: m.higher_is_better for k, m in METRICS.items()} | (higher_is_better or {})
     if primary not in directions:
@@ -221,10 +250,7 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
                         f"({', '.join(sorted(directions))})")
     info = runs.read_info(run_dir)
     model, spec, weights_sha, spec_sha = read_generator(generator_dir)
-    if spec.image_to_image:  # the pyfunc takes seeds: an image-taking one is not written yet
-        raise UserError(f"--run {run_dir}: super-resolution generators cannot be registered yet (the registered "
-                        "model samples from seeds); use the run's generator/ folder")
-    evaluation = _evaluation_for(run_dir, weights_sha)
+    evaluation = _evaluation_for(run_dir / runs.EVALUATION_FILES[stage], weights_sha)
 
     tracking.configure_mlflow()
     client = MlflowClient()
@@ -243,7 +269,7 @@ def register_run(run_dir: Path, name: str | None = None, higher_is_better: dict[
     aliases = sorted(client.get_model_version(name, version.version).aliases or [])
     card = model_card(name, int(version.version), spec, tags, evaluation, decision, aliases)
     client.update_model_version(name, version.version, description=card)
-    grid = save_version_grid(run_dir, int(version.version), model, spec)
+    grid = save_version_grid(run_dir, int(version.version), model, spec, cfg)
     if version.run_id:
         _log_version_artifacts(client, version, card, decision, grid, evaluation)
     return {"name": name, "version": int(version.version), "aliases": aliases,
@@ -259,40 +285,58 @@ def _current(client: Any, name: str, alias: str) -> Any | None:
         return None
 
 
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")  # the registered model's code (models from code)
+
+
+def write_code_package(folder: Path) -> Path:
+    """The code a registered generator ships with, in `folder`: the package `ganpipe_generator`
+    holding ganpipe's networks. Returns the package's path (MLflow's code_paths entry)."""
+    package = folder / "ganpipe_generator"
+    package.mkdir()
+    (package / "__init__.py").write_text('"""ganpipe\'s networks, shipped with a registered generator."""\n')
+    # The networks package as `ganpipe_generator.networks`: the import path of versions registered
+    # when the networks were one file (networks.py), so a process holding both kinds of version
+    # (Python imports `ganpipe_generator` once) still finds what each one's mlflow_model.py imports.
+    (package / "networks").mkdir()
+    for source in sorted(Path(networks.__file__).parent.glob("*.py")):
+        shutil.copyfile(source, package / "networks" / source.name)
+    return package
+
+
 def _log_and_register(run_dir: Path, name: str, spec: NetworkSpec, info: dict[str, Any], cfg: Any,
                       generator_dir: Path, weights_sha: str, spec_sha: str) -> Any:
     """Log the pyfunc into the run's MLflow run (a new run when this store does not know it) and
     register it, tagged with its files' sha256s from the start so a retry finds it."""
     with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp) / "ganpipe_generator"
-        package.mkdir()
-        (package / "__init__.py").write_text('"""ganpipe\'s networks, shipped with a registered generator."""\n')
-        # The networks package as `ganpipe_generator.networks`: the import path of versions registered
-        # when the networks were one file (networks.py), so a process holding both kinds of version
-        # (Python imports `ganpipe_generator` once) still finds what each one's mlflow_model.py imports.
-        (package / "networks").mkdir()
-        for source in sorted(Path(networks.__file__).parent.glob("*.py")):
-            shutil.copyfile(source, package / "networks" / source.name)
+        package = write_code_package(Path(tmp))
         experiment = tracking.experiment_id(cfg.registry.name)
         with mlflow.start_run(run_id=tracking.known_run(info.get("mlflow_run_id")), experiment_id=experiment,
                               run_name=run_dir.name):
             logged = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE),
                 artifacts={"weights": str(generator_dir / "generator.safetensors"),
                            "spec": str(generator_dir / "spec.json")},
                 code_paths=[str(package)], signature=_signature(spec), input_example=_input_example(spec),
-                pip_requirements=_pip_requirements())
+                pip_requirements=_pip_requirements(spec))
     return mlflow.register_model(logged.model_uri, name, tags={SHA_TAG: weights_sha, SPEC_SHA_TAG: spec_sha})
 
 
-def save_version_grid(run_dir: Path, version: int, model: torch.nn.Module, spec: NetworkSpec) -> Path | None:
+def save_version_grid(run_dir: Path, version: int, model: torch.nn.Module, spec: NetworkSpec, cfg: Any
+                      ) -> Path | None:
     """64 samples of an image generator (seeds 0-63, labels cycling through the classes) as
     `registry/vN/samples.png` in the run directory: logged with the version, and kept where the
-    pipeline's Prefect summary finds it. None for vector data."""
+    pipeline's Prefect summary finds it. A super-resolution generator's grid is rows of (bicubic,
+    super-resolved, original) crops of held-out images, as its training previews. None for
+    vector data."""
     if not spec.is_image:
         return None
-    labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None
     grid = run_dir / "registry" / f"v{version}" / "samples.png"
+    if spec.image_to_image:
+        data = open_prepared(runs.read_info(run_dir)["data"]["location"], cfg.storage.endpoint_url)
+        held_out = holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)[1]
+        save_grid(comparison_rows(model, spec, data, held_out[:8], cfg.data.degradation), grid)
+        return grid
+    labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None
     save_grid(generate(model, spec, list(range(64)), labels), grid)
     return grid
 
@@ -348,6 +392,11 @@ def model_card(name: str, version: int, spec: NetworkSpec, tags: dict[str, str],
     conditional = f"conditional on {spec.num_classes} classes ({', '.join(spec.classes)})" \
         if spec.conditional else "unconditional"
     example_label = ', "label": [0, 1]' if spec.conditional else ""
+    use = f'samples = model.predict(pd.DataFrame({{"seed": [0, 1]{example_label}}}))'
+    if spec.image_to_image:
+        kind = f"x{spec.scale} super-resolution ({spec.sample_shape[0]}-channel images of any size)"
+        use = ('images = model.predict(pd.DataFrame({"image": [open("photo.png", "rb").read()]}))'
+               f"  # one uint8 array, {spec.scale}x the height and width")
     return f"""# {name} v{version}
 
 A {spec.family.upper()} generator of {kind}, {conditional}, trained by ganpipe.
@@ -365,6 +414,6 @@ A {spec.family.upper()} generator of {kind}, {conditional}, trained by ganpipe.
 ```python
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/{name}/{version}")
-samples = model.predict(pd.DataFrame({{"seed": [0, 1]{example_label}}}))
+{use}
 ```
 """

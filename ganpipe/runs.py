@@ -125,8 +125,16 @@ def load_run_config(run_dir: Path) -> Config:
     return config_from_yaml_text(path.read_text(), str(path))
 
 
-def generator_dir(run_dir: Path) -> Path:
-    return run_dir / "generator"
+# A run's generators by stage: `final` (the last EMA, every run) and, for super-resolution runs
+# with train.pretrain_steps, `psnr` (the EMA at the end of pretraining: the PSNR model). Each has
+# its own evaluation file, so a registration is judged on the weights it registers.
+STAGES = ("final", "psnr")
+STAGE_FOLDERS = {"final": "generator", "psnr": "generator-psnr"}
+EVALUATION_FILES = {"final": "evaluation.json", "psnr": "evaluation-psnr.json"}
+
+
+def generator_dir(run_dir: Path, stage: str = "final") -> Path:
+    return run_dir / STAGE_FOLDERS[stage]
 
 
 def is_run_dir(path: Path) -> bool:

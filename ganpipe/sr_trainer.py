@@ -21,24 +21,17 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ganpipe import checkpoint
+from ganpipe import checkpoint, runs
 from ganpipe.config import Config
-from ganpipe.data.pairs import (
-    bicubic_upscale,
-    evaluation_input,
-    evaluation_pair,
-    holdout_split,
-    training_pairs,
-)
-from ganpipe.networks import from_network_space, images_to_network_space
+from ganpipe.data.pairs import holdout_split, training_pairs
+from ganpipe.metrics.sr import comparison_rows
+from ganpipe.networks import images_to_network_space
 from ganpipe.recipe import BatchSampler
 from ganpipe.sr_losses import VGG_HOWTO, VGGFeatureLoss, d_adversarial, g_adversarial, pixel_loss
 from ganpipe.trainer import Trainer, add_d_stats, add_stat
 
-PSNR_GENERATOR = "generator-psnr"  # the run's EMA generator at the end of the pretraining stage
 PREVIEW_IMAGES = 8
 
 
@@ -160,22 +153,13 @@ class SRTrainer(Trainer):
         """The pretraining stage's EMA generator, beside the run's final one: the PSNR model
         users often want as well as the GAN one."""
         if self.accelerator.is_main_process:
-            checkpoint.write_generator_folder(self.run_dir / PSNR_GENERATOR, self.nets.ema.state_dict(),
+            checkpoint.write_generator_folder(runs.generator_dir(self.run_dir, "psnr"), self.nets.ema.state_dict(),
                                               self.spec.to_json(), {
                                                   "step": self.step + 1, "selected": "pretrained", "score": None,
                                                   "data_fingerprint": self.data.fingerprint,
                                                   "config_hash": self.cfg.hash()})
 
-    @torch.no_grad()
     def preview_images(self) -> torch.Tensor:
         """Rows of (bicubic, EMA super-resolved, original) centre crops of held-out images."""
-        size, scale, rows = self.spec.sample_shape[1], self.spec.scale, []
-        for index in self.holdout_indices[:PREVIEW_IMAGES]:
-            hr, _ = evaluation_pair(self.data, int(index), scale, self.cfg.data.degradation)
-            top, left = (hr.shape[0] - size) // 2 // scale * scale, (hr.shape[1] - size) // 2 // scale * scale
-            crop = np.ascontiguousarray(hr[top:top + size, left:left + size])
-            lr = evaluation_input(crop, scale, self.cfg.data.degradation, int(index))
-            sr = from_network_space(self.nets.ema(images_to_network_space(torch.from_numpy(lr[None])).to(self.device)),
-                                    self.spec)
-            rows += [torch.from_numpy(bicubic_upscale(lr, scale)), sr[0], torch.from_numpy(crop)]
-        return torch.stack(rows)
+        return comparison_rows(self.nets.ema, self.spec, self.data, self.holdout_indices[:PREVIEW_IMAGES],
+                               self.cfg.data.degradation, self.device)

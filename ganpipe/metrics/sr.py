@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ganpipe.data.pairs import bicubic_upscale, evaluation_pair
+from ganpipe.data.pairs import bicubic_upscale, evaluation_input, evaluation_pair
 from ganpipe.data.prepared import PreparedData
 from ganpipe.networks import NetworkSpec, from_network_space, images_to_network_space
 
@@ -104,3 +104,20 @@ def evaluate_super_resolution(generator: torch.nn.Module, spec: NetworkSpec, dat
             "bicubic": bicubic["value"], "bicubic_uncertainty": bicubic["uncertainty"],
             "y_channel": y_channel and spec.sample_shape[0] == 3, "border": spec.scale}
     return results
+
+
+@torch.no_grad()
+def comparison_rows(generator: torch.nn.Module, spec: NetworkSpec, data: PreparedData, indices: np.ndarray,
+                    degradation: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(bicubic, super-resolved, original) uint8 NHWC triples of a centre crop (the training
+    crop's size) of each held-out image at `indices`: the training previews' and a registered
+    version's picture of what the generator does."""
+    size, scale, rows = spec.sample_shape[1], spec.scale, []
+    for index in indices:
+        hr, _ = evaluation_pair(data, int(index), scale, degradation)
+        top, left = (hr.shape[0] - size) // 2 // scale * scale, (hr.shape[1] - size) // 2 // scale * scale
+        crop = np.ascontiguousarray(hr[top:top + size, left:left + size])
+        lr = evaluation_input(crop, scale, degradation, int(index))
+        sr = from_network_space(generator(images_to_network_space(torch.from_numpy(lr[None])).to(device)), spec)
+        rows += [torch.from_numpy(bicubic_upscale(lr, scale)), sr[0], torch.from_numpy(crop)]
+    return torch.stack(rows)
