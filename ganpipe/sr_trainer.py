@@ -21,18 +21,11 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ganpipe import checkpoint
 from ganpipe.config import Config
-from ganpipe.data.pairs import (
-    bicubic_upscale,
-    evaluation_input,
-    evaluation_pair,
-    holdout_split,
-    training_pairs,
-)
+from ganpipe.data.pairs import bicubic_upscale, centre_pair, holdout_split, training_pairs
 from ganpipe.networks import from_network_space, images_to_network_space
 from ganpipe.recipe import BatchSampler
 from ganpipe.sr_losses import VGG_HOWTO, VGGFeatureLoss, d_adversarial, g_adversarial, pixel_loss
@@ -171,10 +164,7 @@ class SRTrainer(Trainer):
         """Rows of (bicubic, EMA super-resolved, original) centre crops of held-out images."""
         size, scale, rows = self.spec.sample_shape[1], self.spec.scale, []
         for index in self.holdout_indices[:PREVIEW_IMAGES]:
-            hr, _ = evaluation_pair(self.data, int(index), scale, self.cfg.data.degradation)
-            top, left = (hr.shape[0] - size) // 2 // scale * scale, (hr.shape[1] - size) // 2 // scale * scale
-            crop = np.ascontiguousarray(hr[top:top + size, left:left + size])
-            lr = evaluation_input(crop, scale, self.cfg.data.degradation, int(index))
+            crop, lr = centre_pair(self.data, int(index), size, scale, self.cfg.data.degradation)
             sr = from_network_space(self.nets.ema(images_to_network_space(torch.from_numpy(lr[None])).to(self.device)),
                                     self.spec)
             rows += [torch.from_numpy(bicubic_upscale(lr, scale)), sr[0], torch.from_numpy(crop)]
