@@ -21,6 +21,7 @@ from ganpipe.errors import UserError
 from tests.conftest import error_lines, run_cli, write_config
 
 SCALE = 2
+ROOT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "div2k-x4.yaml"
 
 
 def blocky_pair(rng: np.random.Generator, lr_height: int, lr_width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,4 +191,54 @@ def test_a_pair_column_that_is_not_there_is_refused_naming_the_key(tmp_path: Pat
     source = write_parquet(tmp_path / "p.parquet", pairs(count=3))
     cfg = load_config(write_config(tmp_path / "c.yaml", paired_config(source).replace("lr_column: lr", "lr_column: low")))
     with pytest.raises(UserError, match=r"data.lr_column: column 'low' not found \(columns: hr, lr\)"):
+        ingest(cfg.data)
+
+
+def test_the_div2k_config_loads_builds_its_networks_and_gives_the_published_anchors(tmp_path: Path) -> None:
+    """configs/div2k-x4.yaml needs the hub: here it loads, is paired at x4 and evaluated the
+    BasicSR way, its networks build for data of DIV2K's shape, and its comments give the anchors."""
+    import json
+
+    from ganpipe.data import PreparedData
+    from ganpipe.networks import build_discriminator, build_generator
+    from ganpipe.recipe import network_spec
+    from tests.conftest import ROOT
+
+    path = ROOT / "configs" / "div2k-x4.yaml"
+    cfg = load_config(path)
+    d = cfg.data
+    assert (d.source, d.config_name, d.lr_column, d.hr_column, d.resize) == (
+        "eugenesiow/Div2k", "bicubic_x4", "lr", "hr", "native")
+    assert d.paired and d.pair_scale == 4 == cfg.model.scale and d.resolution % (4 * 4) == 0
+    assert cfg.eval.metrics == ["psnr", "ssim"] and cfg.eval.sr_y_channel and cfg.registry.primary_metric == "psnr"
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "kind": "image", "resolution": d.resolution, "channels": 3, "num_records": 800, "fingerprint": "x",
+        "classes": None, "shards": [], "resize": "native", "paired": True}))
+    spec = network_spec(cfg, PreparedData(tmp_path))
+    assert spec.family == "srgan" and spec.scale == 4 and spec.sample_shape == (3, 128, 128)
+    import torch
+
+    with torch.no_grad():
+        assert build_generator(spec)(torch.zeros(1, 3, 8, 12)).shape == (1, 3, 32, 48)
+        assert build_discriminator(spec)(torch.zeros(2, 3, 128, 128)).shape == (2,)
+    comments = "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
+    for anchor in ("bicubic 28.43 dB", "32.05 dB / SSIM 0.902", "SRGAN 29.40 dB", "Y channel", "4 px of border"):
+        assert anchor in comments
+
+
+def test_a_loading_script_hub_dataset_is_refused_naming_data_source(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """eugenesiow/Div2k is a loading-script dataset, which `datasets` 4+ refuses with a RuntimeError:
+    one UserError naming data.source and what to do, not a traceback (offline here: the hub is
+    not asked, and load_dataset answers as datasets does for such a repository)."""
+    import datasets
+
+    def script_dataset(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Dataset scripts are no longer supported, but found Div2k.py")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets, "load_dataset", script_dataset)
+    cfg = load_config(ROOT_CONFIG)
+    with pytest.raises(UserError, match=r"^data.source: hub dataset eugenesiow/Div2k is a loading-script dataset "
+                                        r"\(Dataset scripts are no longer supported, but found Div2k.py\)"):
         ingest(cfg.data)
