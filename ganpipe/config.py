@@ -172,6 +172,10 @@ class ModelConfig(_Section):
     sr_blocks: int = Field(16, ge=1, description="srgan: residual blocks of the generator")
     sr_batch_norm: bool = Field(False, description="srgan: batch norm in the generator's residual blocks (off, as "
                                                   "in ESRGAN: no artefacts at sizes other than the crop's)")
+    sr_input_skip: Literal["none", "bicubic"] = Field(
+        "none", description="srgan: bicubic: the generator's output is a residual added to the bicubic upscale of its "
+                            "input (VDSR's global residual learning; its last layer starts at zero, so training starts "
+                            "from bicubic and reaches it in no steps instead of thousands); none: SRResNet's form")
 
     def g_conditioning_used(self) -> str:
         """g_conditioning as the family builds it: `auto` is cbn for resnet, embedding otherwise."""
