@@ -5,7 +5,7 @@ scikit-learn's sample photographs), at x2 and x4 (the same config with --set mod
 trained as a user would (`ganpipe train`). Y channel, `scale` pixels of border cropped, mean over
 the held-out images and its standard error.
 
-    python -m benchmarks.sr_quality [--scales 2 4] [--set train.pretrain_steps=600] [--json out.json]
+    python -m benchmarks.sr_quality [--scales 2 4] [--set model.sr_input_skip=bicubic] [--json out.json]
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ run is short), x2 with 32 px crops."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +21,15 @@ from ganpipe.generators import read_generator
 from ganpipe.metrics.sr import evaluate_super_resolution
 from ganpipe.networks import build_generator
 from tests.conftest import write_config
-from tests.fixtures import new_run_dir, write_photo_folder
+from tests.fixtures import new_run_dir, one_torch_thread, write_photo_folder
 
 STEPS = 200
 
 
 @pytest.fixture
-def one_thread():
-    """One intra-op thread: on a loaded machine two threads per process contend for the cores and
-    a step of these tiny networks takes ten times as long."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
 
 
 def test_a_tiny_run_beats_bicubic_on_held_out_photographs(tmp_path: Path, one_thread: None) -> None:
