@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -88,6 +89,12 @@ class DataConfig(_Section):
         "bicubic", description="model.family srgan: how the low-resolution input is made from each high-resolution "
                                "crop: PIL's bicubic downscale of the uint8 image, or crappify (Gaussian blur before, "
                                "noise and JPEG after it, each of random strength, seeded)")
+    lr_column: str | None = Field(
+        None, description="model.family srgan, paired data (Div2k-style): the column of low-resolution images; each "
+                          "must be its HR image's size divided by model.scale (rounded down), else a bad record; "
+                          "training crops aligned pairs instead of degrading (set with data.hr_column)")
+    hr_column: str | None = Field(None, description="paired data: the column of high-resolution images (set with "
+                                                    "data.lr_column)")
     on_bad_record: Literal["error", "skip"] = "error"
     split: str = "train"
     config_name: str | None = Field(None, description="hub dataset configuration")
@@ -98,12 +105,35 @@ class DataConfig(_Section):
                                 "(a class-balanced subset: simulates a small labelled set)")
     shard_size: int = Field(10_000, ge=1, description="records per prepared shard")
     cache: str | None = Field(None, description="where prepared data lives; default $GANPIPE_HOME/prepared")
+    # Paired data: model.scale, which ingest checks every pair against. Set by Config from the
+    # model section (the data section alone does not know it); not a key of its own.
+    _pair_scale: int | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _vector_needs_columns(self) -> DataConfig:
         if self.kind == "vector" and not self.columns:
             raise ValueError("data.columns is required when data.kind is 'vector'")
         return self
+
+    @model_validator(mode="after")
+    def _pair_columns_together(self) -> DataConfig:
+        for key, other in (("lr_column", "hr_column"), ("hr_column", "lr_column")):
+            if getattr(self, key) is not None and getattr(self, other) is None:
+                raise ValueError(f"data.{other}: paired data names both columns (data.{key} is set)")
+        if self.lr_column is not None and self.lr_column == self.hr_column:
+            raise ValueError(f"data.lr_column: {self.lr_column!r} is data.hr_column too; a pair is two columns")
+        if self.lr_column is not None and self.image_column is not None:
+            raise ValueError("data.image_column: paired data names its columns with data.hr_column and data.lr_column")
+        return self
+
+    @property
+    def paired(self) -> bool:
+        """An LR and an HR column (data.lr_column): the LR images are given, not made."""
+        return self.lr_column is not None
+
+    @property
+    def pair_scale(self) -> int | None:
+        return self._pair_scale
 
 
 class ModelConfig(_Section):
@@ -142,6 +172,10 @@ class ModelConfig(_Section):
     sr_blocks: int = Field(16, ge=1, description="srgan: residual blocks of the generator")
     sr_batch_norm: bool = Field(False, description="srgan: batch norm in the generator's residual blocks (off, as "
                                                   "in ESRGAN: no artefacts at sizes other than the crop's)")
+    sr_input_skip: Literal["none", "bicubic"] = Field(
+        "none", description="srgan: bicubic: the generator's output is a residual added to the bicubic upscale of its "
+                            "input (VDSR's global residual learning; its last layer starts at zero, so training starts "
+                            "from bicubic and reaches it in no steps instead of thousands); none: SRResNet's form")
 
     def g_conditioning_used(self) -> str:
         """g_conditioning as the family builds it: `auto` is cbn for resnet, embedding otherwise."""
@@ -347,6 +381,12 @@ class Config(_Section):
             d.holdout_fraction = 0.1
         if not sr and d.holdout_fraction is not None:
             raise ValueError("data.holdout_fraction: only model.family srgan holds data out")
+        if d.paired and not sr:
+            raise ValueError("data.lr_column: paired (LR, HR) data is for model.family srgan")
+        if d.paired and d.degradation != "bicubic":
+            raise ValueError(f"data.degradation: paired data brings its LR images (data.lr_column); {d.degradation} "
+                             "does not apply")
+        d._pair_scale = self.model.scale if d.paired else None
         return self
 
     @model_validator(mode="after")

@@ -46,7 +46,8 @@ def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
         mlp_layers=m.mlp_layers, g_conditioning=g_conditioning, d_conditioning=m.d_conditioning,
         spectral_norm=spectral_norm, d_norm=d_norm, pack=m.pack, attention_resolution=m.attention_resolution,
         r3gan_expansion=m.r3gan_expansion, r3gan_group_size=m.r3gan_group_size, r3gan_blocks=m.r3gan_blocks,
-        **({"scale": m.scale, "sr_blocks": m.sr_blocks, "sr_batch_norm": m.sr_batch_norm} if sr else {}),
+        **({"scale": m.scale, "sr_blocks": m.sr_blocks, "sr_batch_norm": m.sr_batch_norm,
+            "sr_input_skip": m.sr_input_skip} if sr else {}),
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         columns=tuple(data.meta.get("columns") or ()), classes=tuple(data.classes or ()))
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,18 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 # --- super-resolution: an image folder of photographs of several sizes ---------------------------
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for in-process training of tiny networks: on a loaded machine two
+    threads per process contend for the cores, and a step takes ten times as long."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 def write_photo_folder(folder: Path, count: int = 24, seed: int = 0) -> Path:
     """`count` PNG crops of scikit-learn's sample photographs, of several sizes from 32 to 72 px

@@ -105,6 +105,8 @@ def test_bicubic_degradation_is_pils_bicubic_downscale_and_crops_align_with_thei
                           np.asarray(Image.fromarray(hr[:, :, 0]).resize((8, 6), Image.Resampling.BICUBIC)))
 
     class Data:  # one native image
+        paired = False
+
         def image(self, i: int) -> np.ndarray:
             return hr
 

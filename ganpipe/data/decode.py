@@ -11,7 +11,8 @@ Preprocessing policy (documented in the README):
   `stretch` scales both sides, ignoring the aspect ratio. With no resolution given (native),
   images keep their own size, untouched: they must then be square and all of one size.
 - native (model.family srgan, data.resize: native): mode converted as above, any size kept
-  (decode_native_chunk).
+  (decode_native_chunk); paired data (data.lr_column) decodes both images of each row, and an LR
+  image that is not its HR image's size divided by the scale is a bad record (decode_paired_chunk).
 - values: stored as uint8 0..255; the training loader maps them to [-1, 1].
 """
 
@@ -38,6 +39,7 @@ class ImageSpec:
     channels: int
     resize: str  # center_crop | pad | stretch
     native: bool = False  # the resolution is the images' own: one of another size is not resized
+    pair_scale: int = 0  # paired data (records are (HR, LR) pairs): each LR is the HR's size // this
 
 
 Record = tuple[bytes | None, str | None]  # encoded bytes, or a local path the worker reads
@@ -177,34 +179,75 @@ def _decode_error(data: bytes | None, path: str | None, exc: Exception) -> str:
     return f"undecodable image{_of(data, path)}: {type(exc).__name__}: {exc}"
 
 
-def decode_native_chunk(records: list[Record], spec: ImageSpec
-                        ) -> tuple[tuple[np.ndarray, np.ndarray], list[tuple[int, str]]]:
+def native_image(record: Record, spec: ImageSpec) -> tuple[Image.Image | None, str | None]:
+    """One record decoded at its own size in the target mode, or (None, why it is a bad record)."""
+    data, path = record
+    if data is None and not path:
+        return None, "missing image"
+    try:
+        return to_mode(open_image(data, path), spec.channels), None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is this record's fault
+        return None, _decode_error(data, path, exc)
+
+
+def too_small(image: Image.Image, record: Record, spec: ImageSpec) -> str | None:
+    """Why an image cannot give a training crop (smaller than spec.resolution on a side), or None."""
+    width, height = image.size
+    if min(width, height) >= spec.resolution:
+        return None
+    return f"image of {width}x{height} px{_of(*record)} is smaller than the data.resolution crop ({spec.resolution} px)"
+
+
+NativeImages = tuple[np.ndarray, np.ndarray]  # flat uint8 pixels of images in order; their (H, W, C), int64 N x 3
+
+
+def _stacked(images: list[Image.Image], channels: int) -> NativeImages:
+    pixels = [np.asarray(image, dtype=np.uint8).reshape(-1) for image in images]
+    sizes = np.asarray([(image.height, image.width, channels) for image in images], dtype=np.int64).reshape(-1, 3)
+    return (np.concatenate(pixels) if pixels else np.zeros(0, np.uint8)), sizes
+
+
+def decode_native_chunk(records: list[Record], spec: ImageSpec) -> tuple[NativeImages, list[tuple[int, str]]]:
     """Decode a chunk at the images' own sizes (data.resize: native, for super-resolution).
-    Returns ((all good images' pixels, flat uint8 in order; their (height, width, channels),
-    int64 N x 3),
-    bad records). An image smaller than spec.resolution on either side cannot give a training
-    crop: a bad record naming both sizes."""
-    parts: list[np.ndarray] = []
-    sizes: list[tuple[int, int, int]] = []
+    Returns (the good images, bad records). An image smaller than spec.resolution on either side
+    cannot give a training crop: a bad record naming both sizes."""
+    kept: list[Image.Image] = []
     bad: list[tuple[int, str]] = []
-    for position, (data, path) in enumerate(records):
-        if data is None and not path:
-            bad.append((position, "missing image"))
-            continue
-        try:
-            image = to_mode(open_image(data, path), spec.channels)
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is this record's fault
-            bad.append((position, _decode_error(data, path, exc)))
-            continue
-        width, height = image.size
-        if min(width, height) < spec.resolution:
-            bad.append((position, f"image of {width}x{height} px{_of(data, path)} is smaller than the "
-                                  f"data.resolution crop ({spec.resolution} px)"))
-            continue
-        parts.append(np.asarray(image, dtype=np.uint8).reshape(-1))
-        sizes.append((height, width, spec.channels))
-    pixels = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    return (pixels, np.asarray(sizes, dtype=np.int64).reshape(-1, 3)), bad
+    for position, record in enumerate(records):
+        image, reason = native_image(record, spec)
+        reason = reason or too_small(image, record, spec)
+        if reason:
+            bad.append((position, reason))
+        else:
+            kept.append(image)
+    return _stacked(kept, spec.channels), bad
+
+
+def decode_paired_chunk(records: list[tuple[Record, Record]], spec: ImageSpec
+                        ) -> tuple[tuple[NativeImages, NativeImages], list[tuple[int, str]]]:
+    """Decode (HR, LR) pairs at their own sizes: ((good HR images, their LR images), bad records).
+    Bad, besides an undecodable image or an HR image smaller than the crop: an LR image that is not
+    the HR's size divided by spec.pair_scale, rounded down (as `PIL.resize(size // scale)` and
+    DIV2K's bicubic sets make them; an HR side up to scale - 1 px longer is cropped when used)."""
+    hr_kept: list[Image.Image] = []
+    lr_kept: list[Image.Image] = []
+    bad: list[tuple[int, str]] = []
+    scale = spec.pair_scale
+    for position, (hr_record, lr_record) in enumerate(records):
+        hr, reason = native_image(hr_record, spec)
+        reason = reason or too_small(hr, hr_record, spec)
+        lr, lr_reason = native_image(lr_record, spec) if not reason else (None, None)
+        reason = reason or (f"LR {lr_reason}" if lr_reason else None)
+        if not reason and lr.size != (hr.width // scale, hr.height // scale):
+            reason = (f"LR image of {lr.width}x{lr.height} px{_of(*lr_record)} does not match its HR image of "
+                      f"{hr.width}x{hr.height} px at model.scale {scale} (expected "
+                      f"{hr.width // scale}x{hr.height // scale} px)")
+        if reason:
+            bad.append((position, reason))
+        else:
+            hr_kept.append(hr)
+            lr_kept.append(lr)
+    return (_stacked(hr_kept, spec.channels), _stacked(lr_kept, spec.channels)), bad
 
 
 def decode_chunk(records: list[Record], spec: ImageSpec) -> tuple[np.ndarray, list[tuple[int, str]]]:

@@ -30,11 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ganpipe import network, storage
+from ganpipe import storage
 from ganpipe.data.decode import CHANNEL_SAMPLE, OTHER_SIZE, ImageSpec, Record, detect_channels, detect_size
 from ganpipe.data.labels import LABEL_NAMES, Labels, numeric
 from ganpipe.data.pool import PARALLEL_MIN_RECORDS, DecodePool, available_cpus, decode_tasks
-from ganpipe.data.prepared import NativeShardWriter, RunningStats, ShardWriter, combined_hash
+from ganpipe.data.prepared import (
+    NativeShardWriter,
+    PairedShardWriter,
+    RunningStats,
+    ShardWriter,
+    combined_hash,
+)
+from ganpipe.data.records import as_record, fetch_remote
 from ganpipe.data.sources import (
     BATCH_ROWS,
     IMAGE_EXTENSIONS,
@@ -111,6 +118,8 @@ def preprocessing_params(cfg: DataConfig) -> dict[str, Any]:
     params = {f: getattr(cfg, f) for f in fields}
     if cfg.max_per_class is not None:  # only when set: data prepared before the key keeps its fingerprint
         params["max_per_class"] = cfg.max_per_class
+    if cfg.paired:  # likewise: unpaired data keeps its fingerprint
+        params.update(lr_column=cfg.lr_column, hr_column=cfg.hr_column, pair_scale=cfg.pair_scale)
     return params
 
 
@@ -318,11 +327,16 @@ class Preparer:
 
     def _run_images(self, columns: dict[str, Any], label_column: str | None, labels: Labels | None
                     ) -> dict[str, Any]:
-        image_column = self._image_column(columns)
-        wanted = [image_column] + ([label_column] if label_column else [])
-        native = self.cfg.resize == "native"
-        writer: ShardWriter | NativeShardWriter = NativeShardWriter(self.out, self.cfg.shard_size) if native \
-            else ShardWriter(self.out, "images", self.cfg.shard_size)
+        cfg = self.cfg
+        if cfg.paired and not cfg.pair_scale:
+            raise ValueError("paired data is checked against model.scale: prepare it from a whole Config")
+        image_column = self._require(cfg.hr_column, columns, "data.hr_column") if cfg.paired \
+            else self._image_column(columns)
+        lr_column = self._require(cfg.lr_column, columns, "data.lr_column") if cfg.paired else None
+        wanted = [image_column] + ([lr_column] if lr_column else []) + ([label_column] if label_column else [])
+        writer = PairedShardWriter(self.out, cfg.shard_size) if cfg.paired else \
+            NativeShardWriter(self.out, cfg.shard_size) if cfg.resize == "native" else \
+            ShardWriter(self.out, "images", cfg.shard_size)
         label_writer = ShardWriter(self.out, "labels", self.cfg.shard_size) if labels else None
         spec: ImageSpec | None = None
         in_flight: deque[tuple[Future, list[int], np.ndarray]] = deque()
@@ -346,12 +360,14 @@ class Preparer:
         for first_row, table in self._batches(wanted):
             keep = np.ones(table.num_rows, dtype=bool)
             label_ids = self._label_ids(labels, table, label_column, first_row, keep)
-            records = self._fetch_remote([self._record(value) for value in table.column(image_column).to_pylist()])
+            records = self._records(table.column(image_column))
             if spec is None:
                 spec = self._image_spec(records, first_row)
+            # paired data: each task decodes (HR, LR) pairs, sized by their HR images
+            tasks = list(zip(records, self._records(table.column(lr_column)), strict=True)) if lr_column else records
             kept = np.flatnonzero(keep)
             for part in decode_tasks(kept, records, spec):
-                in_flight.append((self.pool.submit([records[i] for i in part], spec),
+                in_flight.append((self.pool.submit([tasks[i] for i in part], spec),
                                   (first_row + part).tolist(), label_ids[part]))
                 while len(in_flight) > 2 * max(self.pool.workers, 1):
                     collect()
@@ -362,7 +378,7 @@ class Preparer:
             self.shards += label_writer.close()
         self.rows_in_shards = writer.rows
         return {"kind": "image", "resolution": spec.resolution if spec else self.cfg.resolution,
-                "resize": self.cfg.resize,
+                "resize": self.cfg.resize, "paired": cfg.paired, "lr_column": lr_column,
                 "channels": spec.channels if spec else self.cfg.channels, "image_column": image_column}
 
     def _image_spec(self, records: list[Record], first_row: int) -> ImageSpec:
@@ -370,7 +386,7 @@ class Preparer:
         native size (data.resolution: null) is the first decodable image's."""
         channels = self.cfg.channels or detect_channels(records)
         if self.cfg.resolution is not None:
-            return ImageSpec(self.cfg.resolution, channels, self.cfg.resize)
+            return ImageSpec(self.cfg.resolution, channels, self.cfg.resize, pair_scale=self.cfg.pair_scale or 0)
         found = detect_size(records)
         if found is None:
             raise self._fail("data.resolution: null takes the size of the first images, and none of the first "
@@ -380,39 +396,9 @@ class Preparer:
             raise MixedSizes(self.description, first_row + position, width, height, None)
         return ImageSpec(width, channels, self.cfg.resize, native=True)
 
-    def _record(self, value: Any) -> Record:
-        """An image value (HF Image struct, raw bytes or a path) as (bytes, path); relative paths in
-        a table are relative to the source's folder."""
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            data, path = bytes(value), None
-        elif isinstance(value, str):
-            data, path = None, value
-        else:
-            return None, None
-        if data is None and path and "://" not in path and not os.path.isabs(path) and self.root:
-            path = storage.join(self.root, path) if storage.is_remote(self.root) else str(Path(self.root) / path)
-        return data, path
-
-    def _fetch_remote(self, records: list[Record]) -> list[Record]:
-        """Workers read local files themselves; remote paths (s3://, hf://) are fetched here, all of
-        a batch at once (s3fs fetches them concurrently). A failed fetch leaves (None, path), which
-        the worker reports as a missing file."""
-        remote = [i for i, (data, path) in enumerate(records) if data is None and path and "://" in path]
-        if not remote:
-            return records
-        located = [storage.filesystem(records[i][1], self.endpoint_url) for i in remote]
-        fs = located[0][0]
-        fetched = fs.cat([key for _, key in located], on_error="return")
-        for value in fetched.values():
-            if isinstance(value, Exception):  # a store that does not answer is not a bad record
-                network.reraise_if_unreachable(value)
-        records = list(records)
-        for i, (_, key) in zip(remote, located, strict=True):
-            if isinstance(fetched.get(key), bytes):
-                records[i] = (fetched[key], records[i][1])
-        return records
+    def _records(self, column: Any) -> list[Record]:
+        """A column's image values as records, remote files fetched (ganpipe.data.records)."""
+        return fetch_remote([as_record(value, self.root) for value in column.to_pylist()], self.endpoint_url)
 
     def _run_vectors(self, columns: dict[str, Any], label_column: str | None, labels: Labels | None
                      ) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 the held-out split, random training crops (with flips and 90-degree rotations), the
 low-resolution input made from each crop (`data.degradation`), and the evaluation pairs.
 
+Paired data (data.lr_column) brings its own LR images: a training crop is then cut from both
+images at aligned places (the HR crop at `scale` times the LR crop's position), with the same flip
+and rotation, and nothing is degraded.
+
 Every random choice is drawn from a generator keyed by (seed, a batch counter, the sample's
 position): a function of those numbers alone, so a resumed run draws exactly the crops and
 degradations an uninterrupted one would, with no generator state to checkpoint.
@@ -75,12 +79,23 @@ def degrade(hr: np.ndarray, scale: int, kind: str, rng: np.random.Generator) -> 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A size x size crop at a random place, randomly flipped and rotated by a multiple of 90
     degrees (the eight symmetries of the square), as a new contiguous array."""
-    height, width = image.shape[:2]
-    top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-    crop = image[top:top + size, left:left + size]
-    if rng.integers(0, 2):
-        crop = crop[:, ::-1]
-    return np.ascontiguousarray(np.rot90(crop, int(rng.integers(0, 4))))
+    return random_pair_crop(image, None, size, 1, rng)[0]
+
+
+def random_pair_crop(hr: np.ndarray, lr: np.ndarray | None, size: int, scale: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A size x size crop of `hr` and the size/scale crop of `lr` that it covers (the LR crop at
+    a random place p, the HR one at p x scale), both with the same random flip and rotation. With
+    `lr` None: the HR crop alone, at any place (scale 1)."""
+    small = size // scale
+    height, width = (lr if lr is not None else hr).shape[:2]
+    top, left = int(rng.integers(0, height - small + 1)), int(rng.integers(0, width - small + 1))
+    crops = [hr[top * scale:top * scale + size, left * scale:left * scale + size]]
+    if lr is not None:
+        crops.append(lr[top:top + small, left:left + small])
+    flip, turns = rng.integers(0, 2), int(rng.integers(0, 4))
+    crops = [np.ascontiguousarray(np.rot90(c[:, ::-1] if flip else c, turns)) for c in crops]
+    return crops[0], crops[1] if lr is not None else None
 
 
 def training_pairs(data: PreparedData, indices: np.ndarray, size: int, scale: int, kind: str,
@@ -90,19 +105,37 @@ def training_pairs(data: PreparedData, indices: np.ndarray, size: int, scale: in
     hr, lr = [], []
     for i, index in enumerate(indices):
         rng = np.random.default_rng((*key, i))
-        crop = random_crop(data.image(int(index)), size, rng)
+        if data.paired:
+            crop, small = random_pair_crop(data.image(int(index)), data.lr_image(int(index)), size, scale, rng)
+        else:
+            crop = random_crop(data.image(int(index)), size, rng)
+            small = degrade(crop, scale, kind, rng)
         hr.append(crop)
-        lr.append(degrade(crop, scale, kind, rng))
+        lr.append(small)
     return np.stack(hr), np.stack(lr)
 
 
 def evaluation_pair(data: PreparedData, index: int, scale: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(HR, LR) for a held-out image, the BasicSR way: the whole image, cropped at the bottom and
-    right to a multiple of the scale, and its degradation (keyed by the image's index alone)."""
+    right to a multiple of the scale, and its degradation (keyed by the image's index alone) or,
+    for paired data, its own LR image."""
     image = data.image(index)
     height, width = (image.shape[0] // scale) * scale, (image.shape[1] // scale) * scale
     hr = np.ascontiguousarray(image[:height, :width])
+    if data.paired:
+        return hr, np.array(data.lr_image(index))
     return hr, evaluation_input(hr, scale, kind, index)
+
+
+def centre_pair(data: PreparedData, index: int, size: int, scale: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(HR, LR) of the centre size x size crop of a held-out image (previews), aligned as
+    `evaluation_pair`'s."""
+    hr, lr = evaluation_pair(data, index, scale, kind)
+    top, left = (hr.shape[0] - size) // 2 // scale, (hr.shape[1] - size) // 2 // scale
+    crop = np.ascontiguousarray(hr[top * scale:top * scale + size, left * scale:left * scale + size])
+    if data.paired:
+        return crop, np.ascontiguousarray(lr[top:top + size // scale, left:left + size // scale])
+    return crop, evaluation_input(crop, scale, kind, index)
 
 
 def evaluation_input(hr: np.ndarray, scale: int, kind: str, index: int) -> np.ndarray:

@@ -11,7 +11,14 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from ganpipe.data.decode import ImageSpec, Record, decode_chunk, decode_native_chunk, warm_up
+from ganpipe.data.decode import (
+    ImageSpec,
+    Record,
+    decode_chunk,
+    decode_native_chunk,
+    decode_paired_chunk,
+    warm_up,
+)
 
 CHUNK_BYTES = 16 << 20  # bytes (encoded in + decoded out) per decode task: large images do not pile up
 PARALLEL_MIN_RECORDS = 2048  # below this, worker processes cost more than they save
@@ -53,11 +60,12 @@ class DecodePool:
         for _ in range(self.workers):  # start every worker now (each submit starts at most one)
             self.executor.submit(warm_up)
 
-    def submit(self, records: list[Record], spec: ImageSpec) -> Future:
+    def submit(self, records: list[Record] | list[tuple[Record, Record]], spec: ImageSpec) -> Future:
         self.seen += len(records)
         if self.seen > PARALLEL_MIN_RECORDS:
             self.start()
-        decode = decode_native_chunk if spec.resize == "native" else decode_chunk
+        decode = decode_paired_chunk if spec.pair_scale else decode_native_chunk if spec.resize == "native" \
+            else decode_chunk
         if self.executor is not None:
             return self.executor.submit(decode, records, spec)
         done: Future = Future()

@@ -6,7 +6,9 @@ vector dataset's mean and std; training reads them back as memory-mapped shards,
 Images kept at their own sizes (`meta["resize"] == "native"`, super-resolution) cannot share one
 array shape: NativeShardWriter writes each shard as `pixels-NNNNN.npy` (every image's uint8 pixels
 one after another, flat) and `index-NNNNN.npy` (per image: offset in that shard's pixels, height,
-width), and `PreparedData.image` reads one image back as a view of the memory-mapped pixels."""
+width), and `PreparedData.image` reads one image back as a view of the memory-mapped pixels.
+Paired data (an LR column beside the HR one, meta["paired"]) writes the LR images the same way,
+as `lr_pixels-NNNNN.npy` and `lr_index-NNNNN.npy`, row for row (`PreparedData.lr_image`)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import numpy as np
 
 from ganpipe import storage
 from ganpipe.errors import UserError
+
+LR_PREFIX = "lr_"  # shard names of paired data's low-resolution images
 
 
 class PreparedData:
@@ -66,9 +70,19 @@ class PreparedData:
         """Images at their own sizes (read one by one with `image`), not fixed-size rows."""
         return self.meta.get("resize") == "native"
 
+    @property
+    def paired(self) -> bool:
+        """Native images with their own low-resolution images (data.lr_column), read with `lr_image`."""
+        return bool(self.meta.get("paired"))
+
     @cached_property
     def _native_index(self) -> list[tuple[np.ndarray, np.ndarray]]:
         pixels, index = self._shards("pixels"), self._shards("index")
+        return list(zip(pixels, index, strict=True))
+
+    @cached_property
+    def _lr_index(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        pixels, index = self._shards(f"{LR_PREFIX}pixels"), self._shards(f"{LR_PREFIX}index")
         return list(zip(pixels, index, strict=True))
 
     @cached_property
@@ -77,8 +91,16 @@ class PreparedData:
 
     def image(self, i: int) -> np.ndarray:
         """Image `i` of native data: uint8 H x W x C, a read-only view of the mapped shard."""
+        return self._native_image(self._native_index, i)
+
+    def lr_image(self, i: int) -> np.ndarray:
+        """The low-resolution image paired with image `i` (paired data), as `image`."""
+        return self._native_image(self._lr_index, i)
+
+    def _native_image(self, shards: list[tuple[np.ndarray, np.ndarray]], i: int) -> np.ndarray:
+        # HR and LR shards hold the same rows (both writers flush together): one offset table.
         shard = int(np.searchsorted(self._native_offsets, i, side="right") - 1)
-        pixels, index = self._native_index[shard]
+        pixels, index = shards[shard]
         offset, height, width = (int(v) for v in index[i - self._native_offsets[shard]])
         channels = self.meta["channels"]
         return pixels[offset:offset + height * width * channels].reshape(height, width, channels)
@@ -234,10 +256,11 @@ class ShardWriter:
 
 class NativeShardWriter:
     """Writes images of any size as pixel and index shards (see the module's docstring), at most
-    `shard_size` images per shard: memory bounded by one shard's pixels."""
+    `shard_size` images per shard: memory bounded by one shard's pixels. `prefix` comes before
+    the shards' names (LR_PREFIX for the LR images of paired data)."""
 
-    def __init__(self, out: Path, shard_size: int):
-        self.out, self.shard_size = out, shard_size
+    def __init__(self, out: Path, shard_size: int, prefix: str = ""):
+        self.out, self.shard_size, self.prefix = out, shard_size, prefix
         self.pixels: list[np.ndarray] = []
         self.sizes: list[np.ndarray] = []
         self.buffered = 0
@@ -262,8 +285,8 @@ class NativeShardWriter:
         number = len(self.written) // 2
         lengths = np.array([len(p) for p in self.pixels], dtype=np.int64)
         index = np.column_stack([np.concatenate([[0], np.cumsum(lengths)[:-1]]), np.stack(self.sizes)])
-        for prefix, array in (("pixels", np.concatenate(self.pixels)), ("index", index.astype(np.int64))):
-            path = self.out / f"{prefix}-{number:05d}.npy"
+        for kind, array in (("pixels", np.concatenate(self.pixels)), ("index", index.astype(np.int64))):
+            path = self.out / f"{self.prefix}{kind}-{number:05d}.npy"
             np.save(path, array)
             self.written.append({"file": path.name, "rows": self.buffered, "sha256": storage.sha256_file(path)})
         self.rows += self.buffered
@@ -272,6 +295,25 @@ class NativeShardWriter:
     def close(self) -> list[dict[str, Any]]:
         self._flush()
         return self.written
+
+
+class PairedShardWriter:
+    """(HR, LR) pairs of any sizes: two NativeShardWriters fed row for row, so that their shards
+    hold the same rows."""
+
+    def __init__(self, out: Path, shard_size: int):
+        self.hr, self.lr = NativeShardWriter(out, shard_size), NativeShardWriter(out, shard_size, LR_PREFIX)
+
+    @property
+    def rows(self) -> int:
+        return self.hr.rows
+
+    def add(self, decoded: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+        self.hr.add(decoded[0])
+        self.lr.add(decoded[1])
+
+    def close(self) -> list[dict[str, Any]]:
+        return self.hr.close() + self.lr.close()
 
 
 class RunningStats:

@@ -232,6 +232,13 @@ def _resolve_hub(repo_id: str, cfg: DataConfig) -> Source:
             if not offline:
                 network.reraise_if_unreachable(exc)
             raise UserError(f"data.source: cannot load {description}{hint}: {exc}") from None
+        except RuntimeError as exc:
+            if "scripts are no longer supported" not in str(exc):
+                raise
+            # datasets >= 4 runs no loading scripts (eugenesiow/Div2k is one): the user's to work around
+            raise UserError(f"data.source: {description} is a loading-script dataset ({exc}), which datasets "
+                            f"{datasets.__version__} does not run; point data.source at a script-free copy (parquet "
+                            "files of its images, or of their paths beside the image files)") from None
     # A pinned revision is immutable; a branch can move, so the commit it resolves to is the content id.
     fingerprint = hashlib.sha256(f"{full_id}\0{cfg.config_name}\0{cfg.split}\0{commit}".encode()).hexdigest()
     return Source(full_id, "hub", fingerprint, f"hub dataset {full_id}", dataset=dataset)

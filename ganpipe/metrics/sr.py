@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ganpipe.data.pairs import bicubic_upscale, evaluation_input, evaluation_pair
+from ganpipe.data.pairs import bicubic_upscale, centre_pair, evaluation_pair
 from ganpipe.data.prepared import PreparedData
 from ganpipe.networks import NetworkSpec, from_network_space, images_to_network_space
 
@@ -114,10 +114,7 @@ def comparison_rows(generator: torch.nn.Module, spec: NetworkSpec, data: Prepare
     version's picture of what the generator does."""
     size, scale, rows = spec.sample_shape[1], spec.scale, []
     for index in indices:
-        hr, _ = evaluation_pair(data, int(index), scale, degradation)
-        top, left = (hr.shape[0] - size) // 2 // scale * scale, (hr.shape[1] - size) // 2 // scale * scale
-        crop = np.ascontiguousarray(hr[top:top + size, left:left + size])
-        lr = evaluation_input(crop, scale, degradation, int(index))
+        crop, lr = centre_pair(data, int(index), size, scale, degradation)
         sr = from_network_space(generator(images_to_network_space(torch.from_numpy(lr[None])).to(device)), spec)
         rows += [torch.from_numpy(bicubic_upscale(lr, scale)), sr[0], torch.from_numpy(crop)]
     return torch.stack(rows)

@@ -30,6 +30,7 @@ class NetworkSpec:
     scale: int = 1  # srgan: the upscaling factor (1: every other family, which generates from latents)
     sr_blocks: int = 16  # srgan: residual blocks of the generator
     sr_batch_norm: bool = False  # srgan: batch norm in the generator's residual blocks
+    sr_input_skip: str = "none"  # srgan: none | bicubic (the output is a residual over the upscaled input)
     # For vector data: the statistics that map the generator's standardised output back to data units.
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
@@ -74,4 +75,5 @@ class NetworkSpec:
 
 # Fields added to NetworkSpec after its first format, with their defaults (see to_json).
 LATER_FIELDS: dict[str, Any] = {"attention_resolution": 0, "r3gan_expansion": 2, "r3gan_group_size": 16,
-                                "r3gan_blocks": 2, "scale": 1, "sr_blocks": 16, "sr_batch_norm": False}
+                                "r3gan_blocks": 2, "scale": 1, "sr_blocks": 16, "sr_batch_norm": False,
+                                "sr_input_skip": "none"}

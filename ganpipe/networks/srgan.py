@@ -11,6 +11,7 @@ call every generator alike; labels are unused.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import spectral_norm_if
@@ -65,11 +66,17 @@ class SRResNetGenerator(nn.Module):
             ups += [nn.Conv2d(width, width * 4, 3, 1, 1), nn.PixelShuffle(2), nn.PReLU(width)]
         self.upsample = nn.Sequential(*ups)
         self.to_image = nn.Conv2d(width, channels, 9, 1, 4)
+        self.input_skip = spec.sr_input_skip == "bicubic"
+        if self.input_skip:  # a residual over bicubic: zero at first, so training starts from bicubic's quality
+            nn.init.zeros_(self.to_image.weight)
+            nn.init.zeros_(self.to_image.bias)
 
     def forward(self, lr: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         head = self.head(lr)
         x = self.upsample(head + self.fuse(self.blocks(head)))
         out = self.to_image(x)
+        if self.input_skip:
+            out = out + F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return out if self.training else out.clamp(-1.0, 1.0)
 
 
