@@ -20,6 +20,7 @@ from ganpipe.config_files import load_config
 from ganpipe.generators import read_generator
 from ganpipe.metrics.sr import evaluate_super_resolution
 from ganpipe.networks import build_generator
+from ganpipe.runs import STAGE_FOLDERS
 from tests.conftest import write_config
 from tests.fixtures import new_run_dir, one_torch_thread, write_photo_folder
 
@@ -33,7 +34,7 @@ def one_thread() -> Iterator[None]:
 
 
 def test_a_tiny_run_beats_bicubic_on_held_out_photographs(tmp_path: Path, one_thread: None) -> None:
-    from ganpipe.sr_trainer import PSNR_GENERATOR, SRTrainer
+    from ganpipe.sr_trainer import SRTrainer
 
     photos = write_photo_folder(tmp_path / "photos", count=20)
     cfg = load_config(write_config(tmp_path / "c.yaml", f"""
@@ -57,7 +58,7 @@ train: {{pretrain_steps: {STEPS}, critic_pretrain_steps: 0, steps: 1, batch_size
     while trainer.step < STEPS:
         trainer.iteration()
         trainer.step += 1
-    generator, spec, _, _ = read_generator(trainer.run_dir / PSNR_GENERATOR)  # what the run wrote
+    generator, spec, _, _ = read_generator(trainer.run_dir / STAGE_FOLDERS["psnr"])  # what the run wrote
     assert spec == trainer.spec
     trained = measured(generator)
     psnr, bicubic = trained["psnr"]["value"], trained["psnr"]["bicubic"]
