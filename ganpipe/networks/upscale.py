@@ -8,8 +8,9 @@ of `receptive_radius(spec)` input pixels of real context on every side where the
 whole image). An output pixel depends only on input pixels within that radius, so every kept
 pixel sees exactly the inputs it sees when the whole image runs at once: tiled output equals
 untiled output up to float rounding (convolutions of other shapes may sum in another order, last
-bits; after rounding to uint8 an output value can differ by one grey level, rarely). Memory is
-bounded by one tile's activations plus the uint8 output, whatever the image's size.
+bits; after rounding to uint8 an output value can differ by one grey level, rarely). The bicubic
+input skip (model.sr_input_skip) reaches 2 input pixels, within the radius. Memory is bounded by
+one tile's activations plus the input and the uint8 output, whatever the image's size.
 
 Channels. The output has the input's layout: greyscale in, greyscale out; RGB in, RGB out; an
 alpha channel (LA, RGBA) is upscaled bicubically and kept. A 3-channel generator super-resolves a
@@ -20,6 +21,7 @@ greyscale image as grey RGB and returns its luma (ITU-R BT.601, as PIL's convert
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -45,28 +47,58 @@ def receptive_radius(spec: NetworkSpec) -> int:
     return 4 + 2 * spec.sr_blocks + 1 + math.ceil(upsampling) + 1
 
 
-@torch.no_grad()
-def upscale_network_space(generator: nn.Module, spec: NetworkSpec, x: torch.Tensor, tile: int = DEFAULT_TILE
-                          ) -> torch.Tensor:
-    """N x C x h x w network-space input -> N x C x h*s x w*s output (float, on x's device), the
-    input cut into tiles of `tile` input pixels with a margin of `receptive_radius` (see module
-    doc). An input no larger than one tile runs whole."""
-    if tile < 1:
-        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
-    n, _, height, width = x.shape
-    s, margin = spec.scale, receptive_radius(spec)
-    if height <= tile and width <= tile:
-        return generator(x).float()
-    out = torch.empty((n, spec.sample_shape[0], height * s, width * s), dtype=torch.float32, device=x.device)
+Box = tuple[int, int, int, int]  # top, bottom, left, right (input pixels, end exclusive)
+
+
+def tile_boxes(height: int, width: int, tile: int, margin: int) -> Iterator[tuple[Box, Box]]:
+    """(core, context) for every tile: the core's output is kept, the context (the core plus up
+    to `margin` pixels on each side, within the image) is what the generator sees."""
     for top in range(0, height, tile):
         bottom = min(height, top + tile)
         for left in range(0, width, tile):
             right = min(width, left + tile)
-            t, b, lo, hi = max(0, top - margin), min(height, bottom + margin), max(0, left - margin), \
-                min(width, right + margin)
-            y = generator(x[:, :, t:b, lo:hi])
-            out[:, :, top * s:bottom * s, left * s:right * s] = \
-                y[:, :, (top - t) * s:(bottom - t) * s, (left - lo) * s:(right - lo) * s].float()
+            yield (top, bottom, left, right), (max(0, top - margin), min(height, bottom + margin),
+                                               max(0, left - margin), min(width, right + margin))
+
+
+@torch.no_grad()
+def upscaled_tiles(generator: nn.Module, spec: NetworkSpec, x: torch.Tensor, tile: int = DEFAULT_TILE
+                   ) -> Iterator[tuple[Box, torch.Tensor]]:
+    """(core box, float N x C x core*s output) for each tile of the N x C x h x w network-space
+    input `x` (see module doc); an input no larger than one tile runs whole, as one tile."""
+    if tile < 1:
+        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
+    height, width = x.shape[2:]
+    s = spec.scale
+    if height <= tile and width <= tile:
+        yield (0, height, 0, width), generator(x).float()
+        return
+    for (top, bottom, left, right), (t, b, lo, hi) in tile_boxes(height, width, tile, receptive_radius(spec)):
+        y = generator(x[:, :, t:b, lo:hi])
+        yield (top, bottom, left, right), y[:, :, (top - t) * s:(bottom - t) * s, (left - lo) * s:(right - lo) * s].float()
+
+
+def upscale_network_space(generator: nn.Module, spec: NetworkSpec, x: torch.Tensor, tile: int = DEFAULT_TILE
+                          ) -> torch.Tensor:
+    """N x C x h x w network-space input -> N x C x h*s x w*s float output (on x's device)."""
+    n, _, height, width = x.shape
+    s = spec.scale
+    out = torch.empty((n, spec.sample_shape[0], height * s, width * s), dtype=torch.float32, device=x.device)
+    for (top, bottom, left, right), y in upscaled_tiles(generator, spec, x, tile):
+        out[:, :, top * s:bottom * s, left * s:right * s] = y
+    return out
+
+
+def upscale_to_images(generator: nn.Module, spec: NetworkSpec, x: torch.Tensor, tile: int = DEFAULT_TILE
+                      ) -> np.ndarray:
+    """As upscale_network_space, but each tile goes to uint8 N x h*s x w*s x C as soon as it is
+    made: memory holds the uint8 result and one tile's floats, not the whole float output (4x the
+    result's size)."""
+    n, _, height, width = x.shape
+    s = spec.scale
+    out = np.empty((n, height * s, width * s, spec.sample_shape[0]), dtype=np.uint8)
+    for (top, bottom, left, right), y in upscaled_tiles(generator, spec, x, tile):
+        out[:, top * s:bottom * s, left * s:right * s] = from_network_space(y, spec).numpy()
     return out
 
 
@@ -87,7 +119,7 @@ def super_resolve_image(generator: nn.Module, spec: NetworkSpec, image: np.ndarr
     else:
         batch = colour[None]
     x = images_to_network_space(torch.from_numpy(np.array(batch))).to(device)  # a copy: decoded arrays are read-only
-    sr = from_network_space(upscale_network_space(generator, spec, x, tile), spec).numpy()
+    sr = upscale_to_images(generator, spec, x, tile)
     if model_channels == 3 and grey:
         weights = np.asarray(LUMA, dtype=np.uint32)
         result = ((sr[0].astype(np.uint32) @ weights + 0x8000) >> 16).astype(np.uint8)[:, :, None]
