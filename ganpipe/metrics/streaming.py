@@ -41,13 +41,16 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def poisson_weights(seed: int, replicates: int, first: int, count: int, device: torch.device | str) -> torch.Tensor:
-    """(replicates, count) float64 Poisson(1) weights of samples first .. first + count - 1."""
+def poisson_weights(seed: int, replicates: int, first: int, count: int, device: torch.device | str,
+                    cdf: torch.Tensor | None = None) -> torch.Tensor:
+    """(replicates, count) float64 Poisson(1) weights of samples first .. first + count - 1
+    (`cdf`: POISSON_CDF already on the device, so no host copy is made per batch)."""
     index = torch.arange(first, first + count, device=device, dtype=torch.int64)[None, :]
     replicate = torch.arange(1, replicates + 1, device=device, dtype=torch.int64)[:, None]
     h = hash32(hash32(hash32(torch.full_like(replicate, seed)) ^ replicate) ^ hash32(index))
     uniform = (h.double() + 0.5) / 2.0**32
-    cdf = torch.tensor(POISSON_CDF, dtype=torch.float64, device=device)
+    if cdf is None:
+        cdf = torch.tensor(POISSON_CDF, dtype=torch.float64, device=device)
     return (uniform[..., None] > cdf).sum(dim=-1).double()
 
 
@@ -61,6 +64,8 @@ class GaussianMoments:
         self.weight = torch.zeros(rows, dtype=torch.float64, device=self.device)
         self.mean = torch.zeros(rows, dims, dtype=torch.float64, device=self.device)
         self.scatter = torch.zeros(rows, dims, dims, dtype=torch.float64, device=self.device)
+        # Non-blocking: a blocking copy to a GPU would wait for all the work queued before it.
+        self.cdf = torch.tensor(POISSON_CDF, dtype=torch.float64).to(self.device, non_blocking=True)
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +76,7 @@ class GaussianMoments:
         x = features.to(device=self.device, dtype=torch.float64)
         weights = torch.ones(1 + self.replicates, len(x), dtype=torch.float64, device=self.device)
         if self.replicates:
-            weights[1:] = poisson_weights(self.seed, self.replicates, first, len(x), self.device)
+            weights[1:] = poisson_weights(self.seed, self.replicates, first, len(x), self.device, self.cdf)
         for row, w in enumerate(weights):
             total = w.sum()
             mean = (w @ x) / total.clamp(min=1e-300)
