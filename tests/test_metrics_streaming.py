@@ -20,7 +20,7 @@ from ganpipe.metrics.frechet import (
     gaussian_stats,
     psd_sqrt,
 )
-from ganpipe.metrics.streaming import GaussianMoments, poisson_weights
+from ganpipe.metrics.streaming import GaussianMoments, gather_moments, poisson_weights
 
 
 @pytest.fixture(autouse=True)
@@ -155,3 +155,28 @@ def test_fid_of_streamed_moments_equals_fid_of_the_features_with_a_comparable_bo
     few = real[:10]
     assert frechet_of_moments(gaussian_stats(few), moments, few)["value"] == pytest.approx(
         frechet_of_moments(gaussian_stats(few), moments)["value"], rel=1e-8)
+
+
+class _TwoProcesses:
+    """What `accelerator.gather` hands every process: both processes' tensors, rank 0's first."""
+
+    num_processes = 2
+
+    def __init__(self, parts: list[GaussianMoments]):
+        self.parts = parts
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        index = next(i for i, t in enumerate(self.parts[0].tensors()) if t is tensor)
+        return torch.cat([part.tensors()[index] for part in self.parts])
+
+
+def test_moments_gathered_from_two_processes_equal_one_pass() -> None:
+    features = torch.from_numpy(_features(90, 6, seed=4))
+    whole = GaussianMoments(6, replicates=3, seed=2)
+    whole.update(features, 0)
+    parts = [GaussianMoments(6, 3, seed=2), GaussianMoments(6, 3, seed=2)]
+    parts[0].update(features[:45], 0)
+    parts[1].update(features[45:], 45)
+    merged = gather_moments(_TwoProcesses(parts), parts[0])
+    for mine, theirs in zip(merged.tensors(), whole.tensors(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
