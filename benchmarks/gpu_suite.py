@@ -115,7 +115,7 @@ def table_rows(name: str, result: dict[str, Any]) -> list[tuple[str, str, str]]:
                  f"{result['speedup']:.2f}x torch-fidelity, rel. diff {result['relative_difference']:.1e}")]
     if name == "fid scale":
         return [(f"fid scale N={row['num_images']:,} {row['part']} {'streamed' if row['streamed'] else 'held'}",
-                 f"{row['images_per_s']:,.0f} img/s, FID {row['fid_seconds']:.1f} s" if row["part"] == "pipeline"
+                 f"{row['images_per_s']:,.1f} img/s, FID {row['fid_seconds']:.1f} s" if row["part"] == "pipeline"
                  else f"{row['seconds']:.1f} s",
                  f"peak +{row['peak_mb']:,.0f} MB host" + (f", {row['device_peak_mb']:,.0f} MB device"
                                                            if row["device_peak_mb"] is not None else ""))
