@@ -15,6 +15,10 @@ precision and device per process, as `ganpipe train` has), with `--json`:
 - FID of 50,000 generated images against cached real statistics, ganpipe against torch-fidelity on
   the same images and weights (benchmarks/fid_speed.py; random weights in the FID layout when the
   real file is absent: timings hold, values are not FIDs). Goal: >= 3x faster, values within 1e-3.
+- FID at scale (benchmarks/fid_scale.py): images/s of on-device generation + Inception + streamed
+  statistics, FID wall time and peak host and device memory for N = 5,000 and 20,000 (the fid
+  part gives 50,000), and the statistics alone, streamed against held, at 4,096 and 16,384
+  features: memory flat in N when streamed.
 - export images/s against the plain one-PNG-per-image loop (benchmarks/export_throughput.py).
   Goal: >= 5x.
 
@@ -53,6 +57,9 @@ def parts(quick: bool) -> list[Part]:
                        "--compile", "--no-plain"]))
         return [*train,
                 ("fid", "benchmarks.fid_speed", ["--num-images", "32", "--num-real", "32", "--random-weights"]),
+                ("fid scale", "benchmarks.fid_scale", ["--num-images", "8", "16", "--num-real", "32", "--stream-from",
+                                                       "0", "--bootstrap", "2", "--random-weights",
+                                                       "--statistics-images", "2048"]),
                 ("export", "benchmarks.export_throughput", ["--num-images", "128"])]
     size = ["--batch-size", "256", "--width", "64", "--steps", "25", "--warmup", "8", "--repeats", "1"]
     train = []
@@ -70,6 +77,7 @@ def parts(quick: bool) -> list[Part]:
                 "--data-path", "device"]) for family in ("dcgan", "resnet", "r3gan")]
     return [*train,
             ("fid", "benchmarks.fid_speed", ["--num-images", "50000", "--num-real", "1797"]),
+            ("fid scale", "benchmarks.fid_scale", ["--num-images", "5000", "20000", "--num-real", "1797"]),
             ("export", "benchmarks.export_throughput", ["--num-images", "50000"])]
 
 
@@ -105,6 +113,13 @@ def table_rows(name: str, result: dict[str, Any]) -> list[tuple[str, str, str]]:
         return [(f"fid {result['num_images']:,} images ({result['weights']})",
                  f"{result['ganpipe_seconds']:.1f} s vs {result['torch_fidelity_seconds']:.1f} s",
                  f"{result['speedup']:.2f}x torch-fidelity, rel. diff {result['relative_difference']:.1e}")]
+    if name == "fid scale":
+        return [(f"fid scale N={row['num_images']:,} {row['part']} {'streamed' if row['streamed'] else 'held'}",
+                 f"{row['images_per_s']:,.1f} img/s, FID {row['fid_seconds']:.1f} s" if row["part"] == "pipeline"
+                 else f"{row['seconds']:.1f} s",
+                 f"peak +{row['peak_mb']:,.0f} MB host" + (f", {row['device_peak_mb']:,.0f} MB device"
+                                                           if row["device_peak_mb"] is not None else ""))
+                for row in result["rows"]]
     return [(f"export {result['num_images']:,} images (parquet)", f"{result['parquet_images_per_s']:,.0f} img/s",
              f"{result['parquet_vs_plain_png']:.2f}x one PNG per image")]
 

@@ -9,6 +9,14 @@ preprocessing), the feature extractor (for Inception: the weights file's hash an
 preprocessing), the sample count and the subset seed. A second evaluation against the same data
 reads them instead of extracting again.
 
+The generated side of a Fréchet distance (fid, fd_domain) streams when it has at least as many
+samples as the features have dimensions (`EvalContext.stream_from`) and no other requested
+metric needs its features whole (kid, pr, coverage, density do): generated on the device,
+resized and fed to the feature network there, its features folded into float64 mean and
+covariance on the device (ganpipe.metrics.streaming), so FID of 50,000 images holds d x d
+matrices, not 50,000 x d features, and only the final statistics reach the host. Below that
+count, the features are held and the distance uses them as a factor (cheaper than d x d).
+
 Under `accelerate launch` (`ganpipe evaluate --num-processes N`), every process extracts
 features for its own contiguous range of samples, the ranges are gathered in order, and the main
 process computes the metrics.
@@ -32,11 +40,13 @@ import torch
 from ganpipe import storage
 from ganpipe.errors import UserError
 from ganpipe.metric_settings import MetricSettings
-from ganpipe.metrics.frechet import frechet_with_uncertainty, gaussian_stats
+from ganpipe.metrics.frechet import frechet_of_moments, frechet_with_uncertainty, gaussian_stats
 from ganpipe.metrics.parallel import gather_rows, shard
-from ganpipe.metrics.samples import GeneratedSamples, RealSamples
+from ganpipe.metrics.samples import Batch, GeneratedSamples, RealSamples
+from ganpipe.metrics.streaming import GaussianMoments, gather_moments
 
 Samples = RealSamples | GeneratedSamples
+CHUNK_ROWS = 4096  # held features folded into streamed statistics this many rows at a time
 
 
 class MetricUnavailable(RuntimeError):
@@ -72,9 +82,12 @@ class EvalContext:
     inception_weights: str | None = None
     accelerator: Any | None = None  # an accelerate.Accelerator when run under `accelerate launch`
     settings: MetricSettings = field(default_factory=MetricSettings)  # the eval.* keys of single metrics
+    stream_from: int | None = None  # generated samples from which FD statistics stream (None: feature dims)
+    whole_features: set[str] = field(default_factory=set)  # extractors whose fake features a metric needs whole
     _extractors: dict[str, Any] = field(default_factory=dict)
     _features: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     _shared: dict[Any, dict[str, Any]] = field(default_factory=dict)  # results two metrics share
+    _moments: dict[str, GaussianMoments] = field(default_factory=dict)  # streamed fake-side statistics
 
     @property
     def device(self) -> torch.device:
@@ -117,6 +130,36 @@ class EvalContext:
         with np.load(entry / "stats.npz") as stats:
             return stats["mu"], stats["sigma"]
 
+    def streams(self, name: str) -> bool:
+        """Whether the fake side's Fréchet statistics stream (see the module doc)."""
+        threshold = self.extractor(name).dims if self.stream_from is None else self.stream_from
+        return self.fake.num_samples >= threshold
+
+    def fake_moments(self, name: str) -> GaussianMoments:
+        """float64 mean and covariance of the fake side's features, with `bootstrap` Poisson
+        replicates, accumulated on the device. Extracted for them alone unless the features are
+        held anyway (another metric needs them, or the fake side is a dataset, whose features are
+        cached): then folded in from those."""
+        extractor = self.extractor(name)
+        if extractor.id in self._moments:
+            return self._moments[extractor.id]
+        moments = GaussianMoments(extractor.dims, self.bootstrap, self.seed, self.device)
+        if name in self.whole_features or (extractor.id, id(self.fake)) in self._features \
+                or isinstance(self.fake, RealSamples):
+            features = self.features(name, self.fake)
+            for first in range(0, len(features), CHUNK_ROWS):
+                moments.update(torch.from_numpy(np.array(features[first:first + CHUNK_ROWS])), first)
+        else:
+            rank, world = self.rank_and_world
+            first, stop = shard(self.fake.num_samples, rank, world)
+            for batch, _ in self._batches(self.fake, first, stop):
+                moments.update(extractor.tensor(batch), first)
+                first += len(batch)
+            if world > 1:
+                moments = gather_moments(self.accelerator, moments)
+        self._moments[extractor.id] = moments
+        return moments
+
     def cache_entry(self, extractor: Any, side: RealSamples) -> Path:
         key = {"extractor": extractor.id, "samples": side.cache_key}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -125,8 +168,16 @@ class EvalContext:
     def _extract(self, extractor: Any, side: Samples) -> np.ndarray:
         rank, world = self.rank_and_world
         start, stop = shard(side.num_samples, rank, world)
-        local = np.concatenate([extractor(batch) for batch, _ in side.batches(start=start, stop=stop)])
+        local = np.concatenate([extractor(batch) for batch, _ in self._batches(side, start, stop)])
         return gather_rows(self.accelerator, local, side.num_samples) if world > 1 else local
+
+    @staticmethod
+    def _batches(side: Samples, start: int, stop: int) -> Iterator[Batch]:
+        """Generated images stay on the generator's device: the feature network takes them from
+        there (Inception on the same device; fd_domain's small network brings them to the CPU)."""
+        if isinstance(side, GeneratedSamples):
+            return side.batches(start=start, stop=stop, on_device=True)
+        return side.batches(start=start, stop=stop)
 
     def _store(self, entry: Path, extractor: Any, side: RealSamples, features: np.ndarray) -> None:
         if self.is_main:
@@ -179,13 +230,18 @@ def rank_warning(num_samples: int, dims: int, what: str) -> str | None:
 
 def _frechet(ctx: EvalContext, extractor: str, what: str) -> dict[str, Any]:
     reference = ctx.reference_stats(extractor)
-    fake = ctx.features(extractor, ctx.fake)
     # A reference smaller than the feature dimension is used as samples: no d x d square root needed.
     few = ctx.real.num_samples < len(reference[0])
-    result: dict[str, Any] = frechet_with_uncertainty(reference, np.asarray(fake), ctx.bootstrap, ctx.seed,
-                                                      ctx.features(extractor, ctx.real) if few else None)
+    reference_features = ctx.features(extractor, ctx.real) if few else None
+    result: dict[str, Any]
+    if ctx.streams(extractor):
+        result = frechet_of_moments(reference, ctx.fake_moments(extractor), reference_features, ctx.device)
+    else:
+        result = frechet_with_uncertainty(reference, ctx.features(extractor, ctx.fake), ctx.bootstrap, ctx.seed,
+                                          reference_features, ctx.device)
     result["num_real"] = ctx.real.num_samples
-    warning = rank_warning(min(ctx.real.num_samples, len(fake)), len(reference[0]), what)
+    result["streamed"] = ctx.streams(extractor)
+    warning = rank_warning(min(ctx.real.num_samples, ctx.fake.num_samples), len(reference[0]), what)
     if warning:
         result["warning"] = warning
     return result
@@ -290,6 +346,7 @@ class Metric:
     description: str
     # The features it needs (a name, or a function choosing one): extracted by every process together.
     extractor: str | Callable[[EvalContext], str] | None = None
+    streams: bool = False  # needs only the fake side's mean and covariance (EvalContext.fake_moments)
 
     def features(self, ctx: EvalContext) -> str | None:
         return self.extractor(ctx) if callable(self.extractor) else self.extractor
@@ -297,14 +354,14 @@ class Metric:
 
 METRICS: dict[str, Metric] = {
     "fid": Metric("fid", False, _fid, "Fréchet Inception Distance (InceptionV3 pool3, standard FID weights)",
-                  "inception"),
+                  "inception", streams=True),
     "kid": Metric("kid", False, _kid, "Kernel Inception Distance (unbiased polynomial-kernel MMD^2)", "inception"),
     "pr": Metric("pr", True, _pr, "improved precision and recall (k-NN manifolds); value: their F1",
                  "inception"),
     "cas": Metric("cas", True, _cas, "Classification Accuracy Score: trained on generated, tested on real"),
     "fd_domain": Metric("fd_domain", False, _fd_domain,
                         "Fréchet distance on features of a small network trained on this dataset (not FID)",
-                        "domain"),
+                        "domain", streams=True),
     "psnr": Metric("psnr", True, _super_resolution, "super-resolution: PSNR (dB) on held-out images, border "
                    "cropped by the scale, Y channel by default; psnr_bicubic beside it"),
     "ssim": Metric("ssim", True, _super_resolution, "super-resolution: SSIM on held-out images (as psnr)"),
@@ -323,6 +380,21 @@ def check_metric_names(names: list[str]) -> None:
         raise UserError(f"--metrics: unknown metric(s) {', '.join(unknown)} (available: {', '.join(METRICS)})")
 
 
+def whole_features(ctx: EvalContext, names: list[str]) -> set[str]:
+    """The extractors whose fake-side features a requested metric needs whole (kid, pr, coverage,
+    density): a Fréchet distance on them then reads those rather than extracting twice."""
+    needed = set()
+    for name in names:
+        metric = METRICS[name]
+        try:
+            features = None if metric.streams else metric.features(ctx)
+        except MetricUnavailable:
+            continue  # reported when the metric itself runs
+        if features:
+            needed.add(features)
+    return needed
+
+
 def evaluate(ctx: EvalContext, names: list[str]) -> dict[str, dict[str, Any]]:
     """Every requested metric; one that cannot run here reports why and the others still run.
     Under Accelerate all processes extract features together and only the main one computes
@@ -334,13 +406,17 @@ def evaluate(ctx: EvalContext, names: list[str]) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     # Both sides have the real data's size (see ganpipe.evaluate): said in every metric's result.
     shown = {"resolution": ctx.real.data.sample_shape[1]} if ctx.real.data.kind == "image" else {}
+    ctx.whole_features = whole_features(ctx, names)
     for name in names:
         metric = METRICS[name]
         try:
             features = metric.features(ctx) if world > 1 else None
             if features:
                 ctx.features(features, ctx.real)
-                ctx.features(features, ctx.fake)
+                if metric.streams and ctx.streams(features):
+                    ctx.fake_moments(features)
+                else:
+                    ctx.features(features, ctx.fake)
             if rank == 0:
                 results[name] = metric.compute(ctx) | shown
         except MetricUnavailable as exc:

@@ -156,20 +156,29 @@ def load_or_train(data: PreparedData) -> tuple[Encoder, dict]:
 
 
 class DomainFeatures:
-    """Feature function for fd_domain: batches in user units -> float32 features."""
+    """Feature function for fd_domain: batches in user units -> float32 features. A small
+    network: it runs on the CPU (`device`), where batches are brought."""
+
+    device = torch.device("cpu")
 
     def __init__(self, data: PreparedData):
         self.data = data
         if data.kind == "image":
             self.encoder, self.info = load_or_train(data)
             self.id = f"fd_domain-v{VERSION}-{data.fingerprint}"
+            self.dims = FEATURES
         else:
             self.encoder, self.info = None, {"kind": "standardised vectors"}
             self.id = f"fd_domain-vectors-{data.fingerprint}"
             self.mean, self.std = (torch.from_numpy(a) for a in data.vector_stats)
+            self.dims = len(self.mean)
 
     @torch.no_grad()
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+    def tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.cpu()
         if self.encoder is None:
-            return vectors_to_network_space(batch, self.mean, self.std).numpy()
-        return self.encoder(images_to_network_space(batch)).numpy()
+            return vectors_to_network_space(batch, self.mean, self.std)
+        return self.encoder(images_to_network_space(batch))
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return self.tensor(batch).numpy()

@@ -128,7 +128,13 @@ def load_network(weights: Path) -> nn.Module:
 
 
 class InceptionFeatures:
-    """Feature function: uint8 NHWC batches -> float32 (N, 2048) pool3 features."""
+    """Feature function: uint8 NHWC batches -> float32 (N, 2048) pool3 features.
+
+    `tensor` leaves the features on the device (streamed statistics consume them there); calling
+    the object brings them to the host as numpy. A batch already on the device (generated there)
+    is used where it is; a host batch is copied without blocking."""
+
+    dims = FEATURES
 
     def __init__(self, weights: Path, device: torch.device | str = "cpu", batch_size: int | None = None,
                  sha256: str | None = None):
@@ -142,10 +148,13 @@ class InceptionFeatures:
                      "weights": str(weights), "weights_sha256": self.sha256}
 
     @torch.no_grad()
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+    def tensor(self, batch: torch.Tensor) -> torch.Tensor:
         out = []
         for chunk in batch.split(self.batch_size):
             x = chunk.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            out.append(self.network(x.contiguous())[0].float().cpu())
-        return torch.cat(out).numpy()
+            out.append(self.network(x.contiguous())[0].float())
+        return torch.cat(out)
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return self.tensor(batch).cpu().numpy()

@@ -2,6 +2,8 @@
 
 Both yield batches in user units (uint8 NHWC images, or vectors in data units) with labels, so
 every metric sees real and generated data the same way, and nothing is round-tripped through PNG.
+Generated images can stay on the generator's device: evaluation feeds them to Inception there,
+so they never travel to the host and back.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ class GeneratedSamples:
         rng = np.random.default_rng(self.seed + 1)
         return rng.choice(k, size=self.num_samples, p=weights / weights.sum()).tolist()
 
-    def batches(self, batch_size: int = 500, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
-        """Samples [start, stop): sample i depends on i alone (its seed and label), never on the range."""
+    def batches(self, batch_size: int = 500, start: int = 0, stop: int | None = None,
+                on_device: bool = False) -> Iterator[Batch]:
+        """Samples [start, stop): sample i depends on i alone (its seed and label), never on the range.
+        With `on_device`, images stay on the generator's device (for a feature network there)."""
         stop = self.num_samples if stop is None else stop
         labels = self.labels()
         seeds = list(range(self.seed * 1_000_003, self.seed * 1_000_003 + self.num_samples))
@@ -72,5 +76,5 @@ class GeneratedSamples:
             last = min(first + batch_size, stop)
             chunk_labels = labels[first:last] if labels is not None else None
             out = generate(self.loaded.generator, self.spec, seeds[first:last], chunk_labels,
-                           batch_size=batch_size, device=self.device)
+                           batch_size=batch_size, device=self.device, on_device=on_device)
             yield out, torch.tensor(chunk_labels) if chunk_labels is not None else None

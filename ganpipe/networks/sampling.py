@@ -73,8 +73,9 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(generator: nn.Module, spec: NetworkSpec, seeds: list[int], labels: list[int] | None = None,
              batch_size: int = 256, device: torch.device | str = "cpu",
-             truncation: float | None = None) -> torch.Tensor:
-    """Samples for `seeds` (and `labels` for conditional models) in data units.
+             truncation: float | None = None, on_device: bool = False) -> torch.Tensor:
+    """Samples for `seeds` (and `labels` for conditional models) in data units, on the CPU, or
+    with `on_device` (images only) left on `device` (see `from_network_space`).
 
     Every forward pass sees exactly `batch_size` rows (the last chunk is padded with zeros): CPU
     kernels (MKL, oneDNN) choose their blocking, and so their summation order, by the batch's
@@ -87,8 +88,9 @@ def generate(generator: nn.Module, spec: NetworkSpec, seeds: list[int], labels: 
     outputs = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
-        z = pad_rows(latents_for_seeds(chunk, spec.latent_dim, truncation), batch_size).to(device)
-        y = pad_rows(torch.as_tensor(labels[start:start + batch_size]), batch_size).to(device) \
+        # Non-blocking: a blocking copy to a GPU would wait for the previous batch's work to finish.
+        z = pad_rows(latents_for_seeds(chunk, spec.latent_dim, truncation), batch_size).to(device, non_blocking=True)
+        y = pad_rows(torch.as_tensor(labels[start:start + batch_size]), batch_size).to(device, non_blocking=True) \
             if spec.conditional else None
-        outputs.append(from_network_space(generator(z, y)[:len(chunk)], spec))
+        outputs.append(from_network_space(generator(z, y)[:len(chunk)], spec, on_device))
     return torch.cat(outputs) if outputs else torch.empty(0)

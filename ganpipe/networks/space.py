@@ -40,12 +40,16 @@ def to_network_space(samples: torch.Tensor, spec: NetworkSpec) -> torch.Tensor:
     return samples.float()
 
 
-def from_network_space(samples: torch.Tensor, spec: NetworkSpec) -> torch.Tensor:
-    """Network output -> data units, on the CPU: uint8 NHWC images, or float32 vectors in the
-    data's own scale (rescaled on the CPU, so they are the same whichever device generated them)."""
+def from_network_space(samples: torch.Tensor, spec: NetworkSpec, on_device: bool = False) -> torch.Tensor:
+    """Network output -> data units: uint8 NHWC images, or float32 vectors in the data's own scale.
+    By default on the CPU; with `on_device` images stay where they were generated (evaluation feeds
+    them straight to a feature network there: quantising is element-wise, so the bytes are the
+    same). Vectors are always rescaled on the CPU, so they are the same whichever device
+    generated them."""
     samples = samples.float()
     if spec.is_image:
-        return ((samples + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        images = ((samples + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return images if on_device else images.cpu()
     samples = samples.cpu()
     if spec.mean:
         samples = samples * torch.tensor(spec.std, dtype=torch.float32) + torch.tensor(spec.mean, dtype=torch.float32)
