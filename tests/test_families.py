@@ -298,6 +298,41 @@ def train(config: Path, home: Path, *overrides: str, processes: int = 1) -> dict
     return out
 
 
+LOSS_OF = {"resnet": ["train.loss=hinge"],
+           "r3gan": ["train.loss=relativistic", "train.r1_gamma=1", "train.r2_gamma=1"]}
+
+
+# Every family x conditioning, in this process: the Trainer's real updates (D with its penalties,
+# G, EMA) on prepared digits. The CLI runs below add two processes and the run's files; the sizes
+# (32, 64, 128) are test_families_build_at_every_size's (training at 128 px costs minutes on CPU).
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_trainer_steps_each_family_and_conditioning(tmp_path: Path, family: str, conditional: bool) -> None:
+    resolution = 32
+    from ganpipe.trainer import Trainer
+    from tests.fixtures import new_run_dir
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", FAMILY_CONFIG), [
+        f"model.family={family}", f"model.conditional={str(conditional).lower()}", f"data.resolution={resolution}",
+        "data.max_records=64", "train.cpu=true", *LOSS_OF[family]])
+    trainer = Trainer(cfg, new_run_dir(cfg))
+    before = {name: {k: v.clone() for k, v in net.state_dict().items()}
+              for name, net in (("G", trainer.nets.g_raw), ("D", trainer.nets.d_raw), ("ema", trainer.nets.ema))}
+    for _ in range(2):
+        stats = trainer.iteration()
+        trainer.step += 1
+    assert {"d_loss", "g_loss"} <= stats.keys() and all(torch.isfinite(v).all() for v in stats.values())
+    if family == "r3gan":
+        assert {"r1_penalty", "r2_penalty"} <= stats.keys()
+    for name, net in (("G", trainer.nets.g_raw), ("D", trainer.nets.d_raw), ("ema", trainer.nets.ema)):
+        after = net.state_dict()
+        assert any(not torch.equal(after[k], before[name][k]) for k in after), f"{name} did not change"
+    assert trainer.spec.num_classes == (10 if conditional else 0)
+    labels = [3, 7] if conditional else None
+    images = generate(trainer.nets.ema, trainer.spec, [0, 1], labels).numpy()
+    assert images.shape == (2, resolution, resolution, 1) and images.dtype == np.uint8 and images.std() > 0
+
+
 # Each family unconditional and conditional, each in one and in two processes (gloo on CPU).
 @pytest.mark.slow
 @pytest.mark.parametrize(("family", "conditional", "processes"), [
