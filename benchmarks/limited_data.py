@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks._common import ROOT
 
-CALIBRATION_STEPS = 8  # timed, after WARMUP_STEPS (first steps pay for allocation and kernel choice)
+CALIBRATION_STEPS = 30  # timed, after WARMUP_STEPS (first steps pay for allocation and kernel choice)
 WARMUP_STEPS = 2
 TABLE_METRICS = ("fd_domain", "cas", "uplift")
 
@@ -74,7 +74,7 @@ def calibrate(candidate: Candidate, home: Path) -> float:
     Trainer stepping in memory: no checkpoints, previews or start-up in the figure)."""
     code = (
         "import json, sys, time\n"
-        "from ganpipe.config import load_config\n"
+        "from ganpipe.config_files import load_config\n"
         "from ganpipe.trainer import Trainer\n"
         "from tests.fixtures import new_run_dir\n"
         "cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))\n"
@@ -138,7 +138,8 @@ def evaluate(candidate: Candidate, real: str, metrics: list[str], eval_sets: lis
             candidate.results.update(json.loads(proc.stdout.strip().splitlines()[-1]))
             return
         error = next((line for line in proc.stderr.splitlines() if line.startswith("error:")), proc.stderr[-300:])
-        refused = [m for m in pending if m in error] or pending
+        named = error.split("(available")[0]  # "unknown metric(s) uplift (available: fid, ...)"
+        refused = [m for m in pending if m in named] or pending
         # A refused setting (eval.uplift_*) belongs to the refused metric: drop both.
         refused_settings = [s for s in settings if s.split("=")[0] in error or any(m in s for m in refused)]
         for name in refused:
@@ -211,7 +212,7 @@ def main() -> int:
             c.cpu_per_step = args.cpu_per_step.get(c.name) or calibrate(c, home)
             print(f"{c.name}: {c.cpu_per_step:.3f} CPU s per step", flush=True)
         if args.budget_s is None:
-            from ganpipe.config import load_config  # only here: the script's --help stays fast
+            from ganpipe.config_files import load_config  # only here: the script's --help stays fast
 
             last = candidates[-1]
             budget = load_config(last.config, last.overrides).train.steps * last.cpu_per_step
