@@ -194,7 +194,7 @@ def main() -> int:
                                                          (item.split("=") for item in text.split(","))},
                         default={}, help="NAME=SECONDS,...: skip calibrating these (figures of an earlier "
                         "calibration, e.g. to continue an interrupted benchmark in the same --home)")
-    parser.add_argument("--parallel", type=int, default=1, help="trainings side by side (each single-threaded)")
+    parser.add_argument("--parallel", type=int, default=1, help="trainings (each single-threaded) and then evaluations side by side")
     parser.add_argument("--home", type=Path, help="GANPIPE_HOME to use and keep (default: a temporary one)")
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -225,10 +225,14 @@ def main() -> int:
             for c in pool.map(lambda c: (train(c, home), c)[1], candidates):
                 print(f"{c.name}: {c.steps} steps in {c.train_wall_s:.0f} s wall, {c.train_cpu_s:.0f} CPU s "
                       f"(load average now {os.getloadavg()[0]:.1f})", flush=True)
-        for c in candidates:
+        def scored(c: Candidate) -> tuple[Candidate, float]:
             started = time.time()
             evaluate(c, args.real, args.metrics.split(","), args.eval_set, args.num_samples, home)
-            print(f"{c.name}: evaluated in {time.time() - started:.0f} s", flush=True)
+            return c, time.time() - started
+
+        with ThreadPoolExecutor(args.parallel) as pool:  # the scores do not depend on what runs beside them
+            for c, seconds in pool.map(scored, candidates):
+                print(f"{c.name}: evaluated in {seconds:.0f} s", flush=True)
     print()
     print("\n".join(table(candidates)))
     if args.json_out:
