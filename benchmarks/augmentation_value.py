@@ -7,12 +7,14 @@ wall time, beside fd_domain (realism, which does not predict usefulness). An unc
 generator has no labels to augment with: its uplift is reported as unavailable.
 
     python -m benchmarks.augmentation_value [--config FILE ...] [--per-class 30] [--set KEY=VALUE ...]
+        [--eval-set eval.KEY=VALUE ...]
     python -m benchmarks.augmentation_value --quick    # a few seconds: the code paths, not the figures
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +33,11 @@ QUICK_EVAL = ["eval.uplift_repeats=1", "eval.uplift_ratios=[1]", "eval.uplift_cn
 def measure(config: Path, home: Path, per_class: int, train_sets: list[str], eval_sets: list[str],
             metrics: str) -> dict[str, Any]:
     """Train `config`, then its `metrics` against the config's own data source."""
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     trained = ganpipe("train", str(config), *[a for s in train_sets for a in ("--set", s)], home=home)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and the workers it waited for
+    train_wall_s, train_cpu_s = time.perf_counter() - started, (after.ru_utime + after.ru_stime
+                                                                 - before.ru_utime - before.ru_stime)
     source = yaml.safe_load(config.read_text())["data"]["source"]
     started = time.perf_counter()
     results = ganpipe("evaluate", "--real", source, "--fake", trained["run_dir"], "--metrics", metrics,
@@ -39,16 +45,18 @@ def measure(config: Path, home: Path, per_class: int, train_sets: list[str], eva
                       *[a for s in eval_sets for a in ("--set", s)], home=home, check=False)
     failed = {"value": None, "error": "ganpipe evaluate failed (no metric could be computed)"}
     return {"uplift": results.get("uplift", failed), "fd_domain": results.get("fd_domain"),
-            "wall_s": time.perf_counter() - started, "train_steps": trained["steps"]}
+            "wall_s": time.perf_counter() - started, "train_steps": trained["steps"], "train_wall_s": train_wall_s,
+            "train_cpu_s": train_cpu_s}
 
 
 def report(name: str, measured: dict[str, Any]) -> list[str]:
     result, fd = measured["uplift"], measured["fd_domain"]
     realism = f"fd_domain {fd['value']:.3f} ± {fd['uncertainty']:.3f}" if fd else "fd_domain not measured"
+    trained = f"{measured['train_steps']} steps ({measured['train_wall_s']:.0f} s wall, {measured['train_cpu_s']:.0f} CPU s)"
     if result.get("value") is None:
-        return [f"{name}: {measured['train_steps']} steps, {realism}; uplift unavailable ({result.get('error')})"]
+        return [f"{name}: {trained}, {realism}; uplift unavailable ({result.get('error')})"]
     real = result["real_only"]
-    lines = [f"{name}: {measured['train_steps']} steps, {realism}; uplift with {result['num_real']} real rows, "
+    lines = [f"{name}: {trained}, {realism}; uplift with {result['num_real']} real rows, "
              f"{result['classifier']} classifier, {result['repeats']} repeat(s), {result['holdout']['num_rows']} "
              "rows held out",
              f"  real only       accuracy {real['mean']:.4f} ± {real['std_error']:.4f}"]
@@ -64,6 +72,7 @@ def main() -> int:
     parser.add_argument("--config", action="append", help="config file (repeatable; default: the digits configs)")
     parser.add_argument("--per-class", type=int, default=30, help="labelled real rows per class")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="training config override")
+    parser.add_argument("--eval-set", action="append", default=[], help="evaluate override (e.g. eval.uplift_repeats=2)")
     parser.add_argument("--quick", action="store_true", help="2 training steps, one repeat, one ratio, no fd_domain: "
                         "the code paths in seconds, not the figures")
     args = parser.parse_args()
@@ -72,7 +81,7 @@ def main() -> int:
     train_sets = (QUICK if args.quick else []) + args.overrides
     with tempfile.TemporaryDirectory() as home:
         for config in configs:
-            measured = measure(config, Path(home), args.per_class, train_sets, QUICK_EVAL if args.quick else [],
+            measured = measure(config, Path(home), args.per_class, train_sets, (QUICK_EVAL if args.quick else []) + args.eval_set,
                                "uplift" if args.quick else "uplift,fd_domain")
             print("\n".join(report(config.name, measured)), flush=True)
     return 0

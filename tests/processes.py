@@ -5,6 +5,8 @@ and a silent endpoint that accepts connections and never answers."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -51,6 +53,30 @@ def training_processes(**env: str) -> list[psutil.Process]:
     return found
 
 
+def crash_after_checkpoint(command: list[str], env: dict[str, str], checkpoint_dir: Path,
+                           timeout: float = 300) -> None:
+    """Start `command` (a `ganpipe train`) in a session of its own; once `checkpoint_dir` exists,
+    SIGKILL the launcher and every one of its workers at once, as a machine crash would (the
+    workers run in sessions of their own: they are found by GANPIPE_LAUNCHER_PID, by pid)."""
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not checkpoint_dir.exists():
+            assert time.time() < deadline and proc.poll() is None, f"training never wrote {checkpoint_dir.name}"
+            time.sleep(0.05)
+        workers = training_processes(GANPIPE_LAUNCHER_PID=str(proc.pid))
+        assert workers, "no training processes found"
+        os.killpg(proc.pid, signal.SIGKILL)
+        for worker in workers:
+            with suppress(psutil.Error):
+                worker.kill()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 # --- commands measured in a process of their own: exit code, stderr, seconds, peak memory ---------
 
 MEASURE = """
@@ -82,8 +108,6 @@ def measured_commands(commands: list[list[str]], preload: list[str], env: dict[s
     and the peak so far, so a command that allocates gigabytes cannot hide behind the megabytes of
     earlier ones."""
     import json
-    import os
-    import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(preload), json.dumps(commands)],

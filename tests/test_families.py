@@ -16,13 +16,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ganpipe.config import Config
 from ganpipe.config_files import load_config
 from ganpipe.errors import UserError
 from ganpipe.generators import load_generator
 from ganpipe.networks import FAMILIES, NetworkSpec, build_discriminator, build_generator, check_spec, generate
 from ganpipe.networks.r3gan import ResidualBlock, low_pass_downsample
 from ganpipe.networks.resnet import SelfAttention
-from tests.conftest import error_lines, last_json, run_cli, write_config
+from ganpipe.trainer import Trainer
+from tests.conftest import ROOT, error_lines, last_json, run_cli, write_config
+from tests.fixtures import new_run_dir
 
 NEW_FAMILIES = ["resnet", "r3gan"]
 
@@ -296,6 +299,59 @@ def train(config: Path, home: Path, *overrides: str, processes: int = 1) -> dict
     checksums = out["rank_generator_checksums"]
     assert len(checksums) == processes and len(set(checksums)) == 1 and math.isfinite(checksums[0])
     return out
+
+
+LOSS_OF = {"resnet": ["train.loss=hinge"],
+           "r3gan": ["train.loss=relativistic", "train.r1_gamma=1", "train.r2_gamma=1"]}
+
+
+def two_trainer_steps(cfg: Config) -> tuple[Trainer, dict[str, torch.Tensor]]:
+    """A Trainer on `cfg` after two iterations; every network (G, D, the EMA) has changed and every
+    logged figure is finite."""
+    trainer = Trainer(cfg, new_run_dir(cfg))
+    nets = {"G": trainer.nets.g_raw, "D": trainer.nets.d_raw, "ema": trainer.nets.ema}
+    before = {name: {k: v.clone() for k, v in net.state_dict().items()} for name, net in nets.items()}
+    for _ in range(2):
+        stats = trainer.iteration()
+        trainer.step += 1
+    assert {"d_loss", "g_loss"} <= stats.keys() and all(torch.isfinite(v).all() for v in stats.values())
+    for name, net in nets.items():
+        after = net.state_dict()
+        assert any(not torch.equal(after[k], before[name][k]) for k in after), f"{name} did not change"
+    return trainer, stats
+
+
+# Every family x conditioning, in this process: the Trainer's real updates (D with its penalties,
+# G, EMA) on prepared digits. The CLI runs below add two processes and the run's files; the sizes
+# (32, 64, 128) are test_families_build_at_every_size's (training at 128 px costs minutes on CPU).
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_trainer_steps_each_family_and_conditioning(tmp_path: Path, family: str, conditional: bool) -> None:
+    resolution = 32
+    cfg = load_config(write_config(tmp_path / "c.yaml", FAMILY_CONFIG), [
+        f"model.family={family}", f"model.conditional={str(conditional).lower()}", f"data.resolution={resolution}",
+        "data.max_records=64", "train.cpu=true", *LOSS_OF[family]])
+    trainer, stats = two_trainer_steps(cfg)
+    if family == "r3gan":
+        assert {"r1_penalty", "r2_penalty"} <= stats.keys()
+    assert trainer.spec.num_classes == (10 if conditional else 0)
+    labels = [3, 7] if conditional else None
+    images = generate(trainer.nets.ema, trainer.spec, [0, 1], labels).numpy()
+    assert images.shape == (2, resolution, resolution, 1) and images.dtype == np.uint8 and images.std() > 0
+
+
+def test_digits_limited_config_is_the_limited_data_recipe_and_trains(tmp_path: Path) -> None:
+    """configs/digits-limited.yaml as shipped (GANPIPE_HOME is the test's): a conditional residual
+    family at 32 px on a class-balanced 300-digit subset, with augmentation of what D sees; two
+    real updates on that subset, then one digit of each class."""
+    cfg = load_config(ROOT / "configs/digits-limited.yaml", ["train.cpu=true"])
+    assert cfg.model.family in NEW_FAMILIES and cfg.model.conditional
+    assert (cfg.data.source, cfg.data.resolution, cfg.data.max_per_class) == ("builtin:digits", 32, 30)
+    assert cfg.train.augment != "none"
+    trainer, _ = two_trainer_steps(cfg)
+    assert trainer.spec.num_classes == 10 and trainer.data.num_records == 300
+    images = generate(trainer.nets.ema, trainer.spec, list(range(10)), list(range(10))).numpy()
+    assert images.shape == (10, 32, 32, 1) and images.std() > 0
 
 
 # Each family unconditional and conditional, each in one and in two processes (gloo on CPU).
