@@ -46,7 +46,9 @@ class GeneratorModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from ganpipe_generator.networks import generate
 
-        if self.spec.image_to_image:
+        # getattr: a process that loaded a version registered before super-resolution holds that
+        # version's single-module `ganpipe_generator.networks`, whose specs lack the property.
+        if getattr(self.spec, "image_to_image", False):
             return self.super_resolve(model_input, params)
         if "seed" not in model_input.columns:
             raise ValueError("input needs a 'seed' column (one row per sample)")
