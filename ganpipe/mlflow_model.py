@@ -22,8 +22,11 @@ ValueError naming its row. Decoding needs Pillow, which registered super-resolut
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
+import sys
+from types import ModuleType
 
 import mlflow
 import numpy as np
@@ -33,22 +36,31 @@ from mlflow.pyfunc import PythonModel
 from safetensors.torch import load_file
 
 
+def own_module(name: str) -> ModuleType:
+    """This model's shipped `ganpipe_generator` module `name`. MLflow puts each loaded model's
+    code folder first on sys.path, but Python imports a package once per process: a process that
+    already loaded another version (other code, or the single-module layout of older versions)
+    would hand this model that version's modules. So forget them and import ours now; each model
+    keeps the module objects it loaded, and versions of any age serve side by side."""
+    for loaded in [m for m in sys.modules if m.split(".")[0] == "ganpipe_generator"]:
+        del sys.modules[loaded]
+    return importlib.import_module(name)
+
+
 class GeneratorModel(PythonModel):
     def load_context(self, context) -> None:
-        from ganpipe_generator.networks import NetworkSpec, build_generator
-
+        self.networks = own_module("ganpipe_generator.networks")
         with open(context.artifacts["spec"]) as f:
-            self.spec = NetworkSpec.from_json(json.load(f))
-        self.generator = build_generator(self.spec)
+            self.spec = self.networks.NetworkSpec.from_json(json.load(f))
+        self.generator = self.networks.build_generator(self.spec)
         self.generator.load_state_dict(load_file(context.artifacts["weights"]))
         self.generator.eval()
+        # Imported now, beside the package it belongs to (another model may load in between).
+        self.upscale = importlib.import_module("ganpipe_generator.networks.upscale") \
+            if self.spec.image_to_image else None
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        from ganpipe_generator.networks import generate
-
-        # getattr: a process that loaded a version registered before super-resolution holds that
-        # version's single-module `ganpipe_generator.networks`, whose specs lack the property.
-        if getattr(self.spec, "image_to_image", False):
+        if self.upscale is not None:
             return self.super_resolve(model_input, params)
         if "seed" not in model_input.columns:
             raise ValueError("input needs a 'seed' column (one row per sample)")
@@ -69,16 +81,16 @@ class GeneratorModel(PythonModel):
                 else (0, *self.spec.sample_shape)
             return np.zeros(shape, np.uint8 if self.spec.is_image else np.float32)
         with torch.inference_mode():
-            out = generate(self.generator, self.spec, seeds, labels, truncation=truncation or None)
+            out = self.networks.generate(self.generator, self.spec, seeds, labels, truncation=truncation or None)
         return out.numpy()
 
     def super_resolve(self, model_input: pd.DataFrame, params: dict | None) -> list[np.ndarray]:
-        from ganpipe_generator.networks.upscale import DEFAULT_TILE, image_array, super_resolve_image
         from PIL import Image
 
+        upscale = self.upscale
         if "image" not in model_input.columns:
             raise ValueError("input needs an 'image' column: encoded PNG or JPEG bytes, one image per row")
-        tile = int((params or {}).get("tile") or DEFAULT_TILE)
+        tile = int((params or {}).get("tile") or upscale.DEFAULT_TILE)
         if tile < 1:
             raise ValueError(f"params.tile must be a positive number of pixels, got {tile}")
         outputs = []
@@ -88,9 +100,9 @@ class GeneratorModel(PythonModel):
                 if not isinstance(data, (bytes, bytearray, memoryview)):
                     raise TypeError(f"expected encoded image bytes, got {type(data).__name__}")
                 with Image.open(io.BytesIO(bytes(data))) as image:
-                    array = image_array(image)
+                    array = upscale.image_array(image)
                 with torch.inference_mode():
-                    outputs.append(super_resolve_image(self.generator, self.spec, array, tile))
+                    outputs.append(upscale.super_resolve_image(self.generator, self.spec, array, tile))
             except Exception as exc:  # noqa: BLE001 - any failure is reported with the row it belongs to
                 raise ValueError(f"row {row}: cannot super-resolve this image ({type(exc).__name__}: "
                                  f"{str(exc)[:300]})") from None
