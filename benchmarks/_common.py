@@ -29,3 +29,17 @@ def peak_rss_mb(pid: int | str = "self") -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def write_untrained_run(folder: Path, spec: Any) -> None:
+    """A run directory holding an untrained generator of `spec` (a ganpipe NetworkSpec, seed 0),
+    as `ganpipe train` leaves it: what the export benchmarks load."""
+    import torch
+
+    from ganpipe.checkpoint import write_generator_folder
+    from ganpipe.networks import build_generator
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_generator_folder(folder / "generator", build_generator(spec).state_dict(), spec.to_json(), {})
+    (folder / "run.json").write_text("{}")

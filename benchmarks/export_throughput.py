@@ -29,26 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import peak_rss_mb  # noqa: E402
+from benchmarks._common import peak_rss_mb, write_untrained_run  # noqa: E402
 
 SHAPE = (3, 32, 32)
-
-
-def make_run(folder: Path) -> None:
-    """A run directory holding an untrained DCGAN generator, as `ganpipe train` leaves it."""
-    import torch
-    from safetensors.torch import save_file
-
-    from ganpipe.networks import NetworkSpec, build_generator
-
-    spec = NetworkSpec(family="dcgan", sample_shape=SHAPE, latent_dim=100)
-    torch.manual_seed(0)
-    generator = build_generator(spec)
-    (folder / "generator").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in generator.state_dict().items()},
-              str(folder / "generator" / "generator.safetensors"))
-    (folder / "generator" / "spec.json").write_text(json.dumps(spec.to_json()))
-    (folder / "run.json").write_text("{}")
 
 
 def measure(mode: str, run: Path, num_images: int, out: Path, num_processes: int) -> dict:
@@ -114,13 +97,15 @@ def main() -> None:
 
     import torch
 
+    from ganpipe.networks import NetworkSpec
+
     n = args.num_images
     print(f"{n:,} images {SHAPE[1]}x{SHAPE[2]} RGB from an untrained DCGAN (latent 100, default width); "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f} before the run", flush=True)
     with tempfile.TemporaryDirectory(prefix="ganpipe-export-bench-") as tmp:
         work = Path(tmp)
-        make_run(work / "run")
+        write_untrained_run(work / "run", NetworkSpec(family="dcgan", sample_shape=SHAPE, latent_dim=100))
         results = {}
         modes = [("bare", "(a) bare generation, nothing written"), ("parquet", "(b) ganpipe export, parquet"),
                  ("imagefolder", "(c) ganpipe export, imagefolder"), ("pil", "(d) plain loop: one PNG per image")]

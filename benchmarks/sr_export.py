@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import peak_rss_mb  # noqa: E402
+from benchmarks._common import peak_rss_mb, write_untrained_run  # noqa: E402
 
 
 def current_rss_mb() -> float:
@@ -37,24 +37,6 @@ def current_rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def make_run(folder: Path, width: int, blocks: int, scale: int) -> None:
-    """A run directory holding an untrained SRResNet generator, as `ganpipe train` leaves it."""
-    import torch
-    from safetensors.torch import save_file
-
-    from ganpipe.networks import NetworkSpec, build_generator
-
-    spec = NetworkSpec(family="srgan", sample_shape=(3, 32, 32), latent_dim=0, g_width=width, sr_blocks=blocks,
-                       scale=scale)
-    torch.manual_seed(0)
-    generator = build_generator(spec)
-    (folder / "generator").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in generator.state_dict().items()},
-              str(folder / "generator" / "generator.safetensors"))
-    (folder / "generator" / "spec.json").write_text(json.dumps(spec.to_json()))
-    (folder / "run.json").write_text("{}")
 
 
 def photo_pngs(count: int, size: int) -> list[bytes]:
@@ -150,9 +132,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child[0], Path(args.child[1]), args)))
         return
+    from ganpipe.networks import NetworkSpec
+
     with tempfile.TemporaryDirectory(prefix="ganpipe-sr-bench-") as tmp:
         work = Path(tmp)
-        make_run(work / "run", args.width, args.blocks, args.scale)
+        spec = NetworkSpec(family="srgan", sample_shape=(3, 32, 32), latent_dim=0, g_width=args.width,
+                           sr_blocks=args.blocks, scale=args.scale)
+        write_untrained_run(work / "run", spec)
         write_input(work / "input.parquet", photo_pngs(args.num_images, args.size))
         results = {}
         for mode in ("bare", "export", "pyfunc"):

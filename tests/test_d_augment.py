@@ -5,7 +5,6 @@ and a run with it trains, logs p, and resumes bitwise exactly."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -15,9 +14,8 @@ from torch import nn
 
 from ganpipe import checkpoint
 from ganpipe.d_augment import ADA_TRANSFORMS, P_MAX, DiscriminatorAugment, ada_augment, ada_params
-from tests.conftest import GANPIPE, TINY_DIGITS, error_lines, last_json, run_cli, write_config
-from tests.processes import crash_after_checkpoint
-from tests.test_training import run_tensors
+from tests.conftest import TINY_DIGITS, error_lines, last_json, run_cli, write_config
+from tests.test_training import run_tensors, straight_then_crashed
 
 
 def single_process_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -236,19 +234,9 @@ def test_r3gan_with_ada_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     checkpoint and continued with `--resume auto`: the final weights, optimiser state, EMA and
     augmentation state are bitwise identical (one CPU process)."""
     config = write_config(tmp_path / "r3gan-ada.yaml", R3GAN_ADA)
-    home_a, home_b = tmp_path / "a", tmp_path / "b"
-    straight = run_cli("train", str(config), "--json", env={"GANPIPE_HOME": str(home_a)})
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    result_a = last_json(straight.stdout)
-    assert result_a["steps"] == 40 and result_a["resumed_from_step"] is None
-
-    run_b = home_b / "runs" / Path(result_a["run_dir"]).name
-    crash_after_checkpoint([*GANPIPE, "train", str(config)], {**os.environ, "GANPIPE_HOME": str(home_b)},
-                           run_b / "checkpoints" / "step-00000010")
-    killed_at = checkpoint.latest_checkpoint(run_b)
-    assert killed_at is not None
+    home_b = tmp_path / "b"
+    result_a, run_b, killed_at = straight_then_crashed(config, tmp_path, crash_after_step=10, steps=40)
     resume_step = checkpoint.read_meta(killed_at)["step"]
-    assert 10 <= resume_step < 40, "the kill came too late to test resume"
     assert not (run_b / "generator").exists()  # it did not finish
     _, state = checkpoint.load_checkpoint(killed_at)
     assert state["augment"]["p"] > 0  # ADA's state is live at the resume point

@@ -159,23 +159,31 @@ def run_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def straight_then_crashed(config: Path, tmp_path: Path, crash_after_step: int, steps: int
+                          ) -> tuple[dict, Path, Path]:
+    """Train `config` straight through with GANPIPE_HOME tmp_path/a; with tmp_path/b, start it and
+    SIGKILL the launcher and every training process at once after its checkpoint of
+    `crash_after_step`, as a machine crash would. Returns (the straight run's result, run b's
+    folder, run b's last checkpoint)."""
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    straight = run_cli("train", str(config), "--json", env={"GANPIPE_HOME": str(home_a)})
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    result = last_json(straight.stdout)
+    assert result["steps"] == steps and result["resumed_from_step"] is None
+    run_b = home_b / "runs" / Path(result["run_dir"]).name
+    crash_after_checkpoint([*GANPIPE, "train", str(config)], {**os.environ, "GANPIPE_HOME": str(home_b)},
+                           run_b / "checkpoints" / f"step-{crash_after_step:08d}")
+    killed_at = checkpoint.latest_checkpoint(run_b)
+    assert killed_at is not None and crash_after_step <= checkpoint.read_meta(killed_at)["step"] < steps, \
+        "the kill came too late to test resume"
+    return result, run_b, killed_at
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
     config = write_config(tmp_path / "resume.yaml", RESUME_CONFIG)
     home_a, home_b = tmp_path / "a", tmp_path / "b"
-
-    straight = run_cli("train", str(config), "--json", env={"GANPIPE_HOME": str(home_a)})
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    result_a = last_json(straight.stdout)
-    assert result_a["steps"] == 60 and result_a["resumed_from_step"] is None
-
-    run_dir = home_b / "runs" / Path(result_a["run_dir"]).name
-    # A machine crash: SIGKILL the launcher and every training process at once.
-    crash_after_checkpoint([*GANPIPE, "train", str(config)], {**os.environ, "GANPIPE_HOME": str(home_b)},
-                           run_dir / "checkpoints" / "step-00000030")
-    killed_at = checkpoint.latest_checkpoint(run_dir)
-    assert killed_at is not None and 30 <= checkpoint.read_meta(killed_at)["step"] < 60, \
-        "the kill came too late to test resume"
+    result_a, run_dir, _ = straight_then_crashed(config, tmp_path, crash_after_step=30, steps=60)
 
     resumed = run_cli("train", str(config), "--resume", "auto", "--json", env={"GANPIPE_HOME": str(home_b)})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
