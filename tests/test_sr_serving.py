@@ -23,7 +23,7 @@ from PIL import Image
 
 from ganpipe.config import ExportConfig
 from ganpipe.networks import NetworkSpec, build_generator, upscale
-from ganpipe.networks.upscale import image_array, receptive_radius, super_resolve_image, upscale_network_space
+from ganpipe.networks.upscale import image_array, receptive_radius, super_resolve_image, upscaled_tiles
 from tests.conftest import GANPIPE, ROOT, error_lines, last_json, run_cli, write_config
 from tests.fixtures import write_photo_folder
 from tests.test_srgan import sr_config
@@ -68,6 +68,15 @@ def test_the_overlap_covers_the_generators_receptive_field(scale: int, blocks: i
     g(x)[0, :, 22 * scale:23 * scale, 22 * scale:23 * scale].sum().backward()
     reach = int((x.grad.abs().sum(1)[0] > 0).nonzero().sub(22).abs().max())
     assert 2 * blocks + 8 <= reach <= receptive_radius(spec) == 2 * blocks + 9
+
+
+def upscale_network_space(generator: torch.nn.Module, spec: NetworkSpec, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """The tiles' float outputs put together (the library converts each to uint8 at once)."""
+    s = spec.scale
+    out = torch.empty((x.shape[0], spec.sample_shape[0], x.shape[2] * s, x.shape[3] * s))
+    for (top, bottom, left, right), y in upscaled_tiles(generator, spec, x, tile):
+        out[:, :, top * s:bottom * s, left * s:right * s] = y
+    return out
 
 
 def test_tiled_output_equals_untiled_up_to_float_rounding(monkeypatch: pytest.MonkeyPatch) -> None:

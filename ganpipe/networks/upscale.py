@@ -78,22 +78,11 @@ def upscaled_tiles(generator: nn.Module, spec: NetworkSpec, x: torch.Tensor, til
         yield (top, bottom, left, right), y[:, :, (top - t) * s:(bottom - t) * s, (left - lo) * s:(right - lo) * s].float()
 
 
-def upscale_network_space(generator: nn.Module, spec: NetworkSpec, x: torch.Tensor, tile: int = DEFAULT_TILE
-                          ) -> torch.Tensor:
-    """N x C x h x w network-space input -> N x C x h*s x w*s float output (on x's device)."""
-    n, _, height, width = x.shape
-    s = spec.scale
-    out = torch.empty((n, spec.sample_shape[0], height * s, width * s), dtype=torch.float32, device=x.device)
-    for (top, bottom, left, right), y in upscaled_tiles(generator, spec, x, tile):
-        out[:, :, top * s:bottom * s, left * s:right * s] = y
-    return out
-
-
 def upscale_to_images(generator: nn.Module, spec: NetworkSpec, x: torch.Tensor, tile: int = DEFAULT_TILE
                       ) -> np.ndarray:
-    """As upscale_network_space, but each tile goes to uint8 N x h*s x w*s x C as soon as it is
-    made: memory holds the uint8 result and one tile's floats, not the whole float output (4x the
-    result's size)."""
+    """N x C x h x w network-space input -> uint8 N x h*s x w*s x C images, each tile converted as
+    soon as it is made: memory holds the uint8 result and one tile's floats, not a whole float
+    output (4x the result's size)."""
     n, _, height, width = x.shape
     s = spec.scale
     out = np.empty((n, height * s, width * s, spec.sample_shape[0]), dtype=np.uint8)
