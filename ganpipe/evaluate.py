@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from mlflow import MlflowClient
@@ -144,14 +145,14 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     device = default_device()
     loaded = load_generator(str(run_dir), device)
     if loaded.spec.image_to_image:
-        held_out = len(holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)[1])
+        holdout = holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)[1]
         psnr_stage = runs.generator_dir(run_dir, "psnr")
         if (psnr_stage / "generator.safetensors").exists():  # the PSNR model: registered on its own (--stage psnr)
             files = read_generator(psnr_stage)
-            results = evaluate_super_resolution_run(files.generator.to(device), files.spec, data, cfg, device)
-            record_evaluation(run_dir, results, held_out, files.weights_sha256, data.fingerprint, stage="psnr")
-        results = evaluate_super_resolution_run(loaded.generator, loaded.spec, data, cfg, device)
-        return record_evaluation(run_dir, results, held_out, loaded.source["generator_sha256"], data.fingerprint)
+            results = evaluate_super_resolution_run(files.generator.to(device), files.spec, data, holdout, cfg, device)
+            record_evaluation(run_dir, results, len(holdout), files.weights_sha256, data.fingerprint, stage="psnr")
+        results = evaluate_super_resolution_run(loaded.generator, loaded.spec, data, holdout, cfg, device)
+        return record_evaluation(run_dir, results, len(holdout), loaded.source["generator_sha256"], data.fingerprint)
     fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, label_weights(data, loaded.spec), device)
     ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
                       inception_weights=e.inception_weights, settings=metric_settings(e))
@@ -159,12 +160,11 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     return record_evaluation(run_dir, results, e.num_samples, loaded.source["generator_sha256"], data.fingerprint)
 
 
-def evaluate_super_resolution_run(generator: torch.nn.Module, spec: Any, data: PreparedData, cfg: Config,
-                                  device: torch.device) -> dict[str, Any]:
-    """psnr and ssim of a super-resolution run's generator on its held-out images, each with
-    `<name>_bicubic` beside it; other metrics do not apply and say so."""
+def evaluate_super_resolution_run(generator: torch.nn.Module, spec: Any, data: PreparedData, holdout: np.ndarray,
+                                  cfg: Config, device: torch.device) -> dict[str, Any]:
+    """psnr and ssim of a super-resolution run's generator on its held-out images (`holdout`),
+    each with `<name>_bicubic` beside it; other metrics do not apply and say so."""
     names = [m for m in cfg.eval.metrics if m in SR_METRICS]
-    _, holdout = holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)
     measured = evaluate_super_resolution(generator, spec, data, holdout, cfg.data.degradation, names,
                                          cfg.eval.sr_y_channel, device)
     results: dict[str, Any] = {}
