@@ -150,6 +150,9 @@ def main() -> int:
     parser.add_argument("--model")
     parser.add_argument("--inception-weights")
     parser.add_argument("--random-weights", action="store_true", help="time with random weights in the FID layout")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="ingest and cache the real statistics in an untimed first child (--no-warmup: the "
+                             "first size pays for it; for checking that the script runs, not for figures)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
     parser.add_argument("--child", nargs=2, metavar=("PART", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +168,8 @@ def main() -> int:
     sizes = args.num_images or ([10_000, 50_000] if cuda else [16, 64])
     print(f"fid_scale on {device}; real statistics from {args.num_real} digits at {args.resolution} px; "
           f"bootstrap {args.bootstrap} (statistics part: {args.statistics_bootstrap})")
-    child(args, "--child", "pipeline", "2")  # warm-up: ingests, and caches the real statistics
+    if args.warmup:
+        child(args, "--child", "pipeline", "2")  # ingests, and caches the real statistics
     rows = [child(args, "--child", "pipeline", str(n)) for n in sizes]
     for row in rows:
         print(f"  pipeline   N={row['num_images']:>6,} {'streamed' if row['streamed'] else 'held':8} "

@@ -56,8 +56,9 @@ def parts(quick: bool) -> list[Part]:
                       ["--family", "dcgan", "--resolution", "32", *size, "--precision", "bf16", "--channels-last",
                        "--compile", "--no-plain"]))
         return [*train,
-                ("fid", "benchmarks.fid_speed", ["--num-images", "32", "--num-real", "32", "--random-weights"]),
-                ("fid scale", "benchmarks.fid_scale", ["--num-images", "8", "16", "--num-real", "32", "--stream-from",
+                ("fid", "benchmarks.fid_speed", ["--num-images", "32", "--num-real", "32", "--random-weights",
+                                                  "--no-warmup"]),
+                ("fid scale", "benchmarks.fid_scale", ["--num-images", "8", "--no-warmup", "--num-real", "32", "--stream-from",
                                                        "0", "--bootstrap", "2", "--random-weights",
                                                        "--statistics-images", "2048"]),
                 ("export", "benchmarks.export_throughput", ["--num-images", "128"])]
