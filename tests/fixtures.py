@@ -18,6 +18,7 @@ from ganpipe.config import Config
 from ganpipe.launch import prepared_run
 from ganpipe.metrics import inception
 from ganpipe.metrics.inception import FEATURES
+from ganpipe.trainer import Trainer
 
 # --- a stand-in Inception weights file, for machines without the real one (nothing downloads) ------
 
@@ -69,6 +70,28 @@ def new_run_dir(cfg: Config) -> Path:
     tests that build a Trainer in this process."""
     with prepared_run(cfg) as run:
         return run.run_dir
+
+
+def train_iterations(trainer: Trainer, iterations: int) -> None:
+    """`iterations` training steps of an in-process Trainer, counted as ganpipe.train's loop counts
+    them (no checkpoints, logging or previews: the updates alone)."""
+    for _ in range(iterations):
+        trainer.iteration()
+        trainer.step += 1
+
+
+def trainer_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Copies of every trained tensor: G, D and the EMA."""
+    nets = trainer.nets
+    return {f"{name}.{k}": v.detach().clone() for name, module in (("G", nets.g_raw), ("D", nets.d_raw),
+                                                                   ("ema", nets.ema))
+            for k, v in module.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"not bitwise identical: {different[:5]}"
 
 
 # --- super-resolution: an image folder of photographs of several sizes ---------------------------

@@ -23,7 +23,7 @@ from ganpipe.errors import UserError
 from ganpipe.recipe import BatchSampler, network_spec
 from ganpipe.trainer import Trainer
 from tests.conftest import TINY_DIGITS, write_config
-from tests.fixtures import new_run_dir
+from tests.fixtures import assert_bitwise_equal, new_run_dir, train_iterations, trainer_weights
 
 # 100 records and batch 32: an epoch ends every few batches, so prefetching runs across epochs.
 # Relativistic loss: the generator update draws its own real batch; conditional: labels travel too.
@@ -35,12 +35,6 @@ def config(tmp_path: Path, *extra: str) -> Config:
     return load_config(write_config(tmp_path / "c.yaml", TINY_DIGITS), [*PATH_SETTINGS, *extra])
 
 
-def run(trainer: Trainer, iterations: int) -> None:
-    for _ in range(iterations):
-        trainer.iteration()
-        trainer.step += 1  # as ganpipe.train's loop does
-
-
 def prefetched_ahead(trainer: Trainer) -> bool:
     """Whether the thread's sampler has drawn past what the step consumed (it gathers in the
     background, so give it a moment on a busy machine)."""
@@ -48,19 +42,6 @@ def prefetched_ahead(trainer: Trainer) -> bool:
     while trainer.sampler.state_dict() == trainer.batches.state_dict() and time.monotonic() < deadline:
         time.sleep(0.01)
     return trainer.sampler.state_dict() != trainer.batches.state_dict()
-
-
-def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    nets = trainer.nets
-    return {f"{name}.{k}": v.detach().clone() for name, module in (("G", nets.g_raw), ("D", nets.d_raw),
-                                                                   ("ema", nets.ema))
-            for k, v in module.state_dict().items()}
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"not bitwise identical: {different[:5]}"
 
 
 def batch_streams(cfg: Config, run_dir: Path, count: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -106,8 +87,8 @@ def test_prefetching_and_synchronous_training_give_identical_weights(tmp_path: P
                      "train.augment=ada", "train.ada_kimg=1", "train.ada_interval=2")
         trainer = Trainer(cfg, new_run_dir(cfg))
         assert trainer.batches.mode == ("prefetch" if prefetch else "sync")
-        run(trainer, 8)
-        results[prefetch], positions[prefetch] = weights(trainer), trainer.batches.state_dict()
+        train_iterations(trainer, 8)
+        results[prefetch], positions[prefetch] = trainer_weights(trainer), trainer.batches.state_dict()
         if prefetch:  # the thread ran ahead of what was consumed
             assert prefetched_ahead(trainer)
         trainer.close()
@@ -123,20 +104,20 @@ def test_resume_with_prefetch_on_is_bitwise_exact(tmp_path: Path) -> None:
     cfg = config(tmp_path, "train.prefetch=3")
     run_dir = new_run_dir(cfg)
     straight = Trainer(cfg, run_dir)
-    run(straight, 3)
+    train_iterations(straight, 3)
     assert prefetched_ahead(straight)
     saved = straight.save({"metrics": {}})
     assert saved is not None
     state = torch.load(saved / "state.pt", weights_only=True)
     assert state["sampler"] == straight.batches.state_dict() != straight.sampler.state_dict()
-    run(straight, 4)
-    expected = weights(straight)
+    train_iterations(straight, 4)
+    expected = trainer_weights(straight)
     straight.close()
 
     resumed = Trainer(cfg, run_dir)
     assert resumed.resumed_from == 3
-    run(resumed, 4)
-    assert_bitwise_equal(weights(resumed), expected)
+    train_iterations(resumed, 4)
+    assert_bitwise_equal(trainer_weights(resumed), expected)
     resumed.close()
 
 
