@@ -145,7 +145,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     device = default_device()
     loaded = load_generator(str(run_dir), device)
     if loaded.spec.image_to_image:
-        holdout = holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)[1]
+        holdout = holdout_split(data.num_records, cfg.data.effective_holdout_fraction)[1]
         psnr_stage = runs.generator_dir(run_dir, "psnr")
         if (psnr_stage / "generator.safetensors").exists():  # the PSNR model: registered on its own (--stage psnr)
             files = read_generator(psnr_stage)
