@@ -41,6 +41,9 @@ BACKBONES: dict[str, dict[str, tuple[int, ...]]] = {
 # Smallest image side each backbone takes: AlexNet's stride-4 11x11 convolution and two 3x3/2 max
 # poolings before relu3 leave nothing of a smaller image; VGG16 pools four times before relu5_3.
 MIN_SIZE = {"alex": 31, "vgg": 16}
+LPIPS_HOWTO = (f"{KEY} is not set. Save the lpips package's weights once where you have it: python -c \"import "
+               "torch, lpips; torch.save(lpips.LPIPS(net='alex').state_dict(), 'lpips-alex.pth')\" and set "
+               f"{KEY}: lpips-alex.pth")
 
 
 def alexnet_features() -> nn.Sequential:
