@@ -132,7 +132,8 @@ def check_evaluation(cfg: Config) -> None:
     from ganpipe.evaluate import check_request
 
     e = cfg.eval
-    check_request(e.metrics, e.num_samples, e.inception_weights, ("eval.num_samples", "eval.inception_weights"))
+    check_request(e.metrics, e.num_samples, e.inception_weights, ("eval.num_samples", "eval.inception_weights"),
+                  e.lpips_weights)
     primary = cfg.registry.primary_metric
     if primary not in e.metrics:
         raise UserError(f"register.primary_metric: {primary!r} is not among eval.metrics ({', '.join(e.metrics)})")

@@ -68,6 +68,9 @@ def batch_split_problem(batch_size: int, processes: int, grad_accum: int, pack: 
     return None
 
 
+DEFAULT_HOLDOUT_FRACTION = 0.1  # data.holdout_fraction of srgan runs
+
+
 class DataConfig(_Section):
     source: str = Field(description="hub id, local path (save_to_disk dir, parquet file/glob, image folder), "
                         "s3://bucket/prefix, or builtin:digits")
@@ -84,7 +87,8 @@ class DataConfig(_Section):
                                    "(model.family srgan, whose training crops them; set for it by default)")
     holdout_fraction: float | None = Field(
         None, gt=0, lt=1, description="model.family srgan: this fraction of the images (chosen by a fixed seeded "
-                                      "permutation) is never trained on and is what PSNR/SSIM measure; default 0.1")
+                                      "permutation) is never trained on and is what PSNR/SSIM measure; default "
+                                      f"{DEFAULT_HOLDOUT_FRACTION}")
     degradation: Literal["bicubic", "crappify"] = Field(
         "bicubic", description="model.family srgan: how the low-resolution input is made from each high-resolution "
                                "crop: PIL's bicubic downscale of the uint8 image, or crappify (Gaussian blur before, "
@@ -108,6 +112,12 @@ class DataConfig(_Section):
     # Paired data: model.scale, which ingest checks every pair against. Set by Config from the
     # model section (the data section alone does not know it); not a key of its own.
     _pair_scale: int | None = PrivateAttr(None)
+
+    @property
+    def effective_holdout_fraction(self) -> float:
+        """The share of images srgan holds out: the key, else its default. Config sets the default
+        for srgan when it loads; a DataConfig built on its own (tests, older callers) may not have."""
+        return self.holdout_fraction if self.holdout_fraction is not None else DEFAULT_HOLDOUT_FRACTION
 
     @model_validator(mode="after")
     def _vector_needs_columns(self) -> DataConfig:
@@ -378,7 +388,7 @@ class Config(_Section):
         if not sr and d.resize == "native":
             raise ValueError("data.resize: native (images at their own size) is for model.family srgan")
         if sr and d.holdout_fraction is None:
-            d.holdout_fraction = 0.1
+            d.holdout_fraction = DEFAULT_HOLDOUT_FRACTION
         if not sr and d.holdout_fraction is not None:
             raise ValueError("data.holdout_fraction: only model.family srgan holds data out")
         if d.paired and not sr:

@@ -39,11 +39,12 @@ from ganpipe.metrics import (
     evaluate,
     main_process_first,
 )
+from ganpipe.metrics.lpips import LPIPS, LPIPS_HOWTO, LPIPSMeasure, load_lpips
 from ganpipe.metrics.samples import GeneratedSamples, RealSamples
 from ganpipe.metrics.sr import evaluate_super_resolution
 from ganpipe.workers import WorkerFailed, run_workers, worker_main
 
-SR_METRICS = ("psnr", "ssim")
+SR_METRICS = ("psnr", "ssim", "lpips")
 
 
 def _prepare_real(src: str, resolution: int | None, channels: int | None, endpoint_url: str | None
@@ -60,15 +61,21 @@ def _prepare_real(src: str, resolution: int | None, channels: int | None, endpoi
 
 
 def check_request(metrics: list[str], num_samples: int, inception_weights: str | None,
-                  keys: tuple[str, str] = ("--num-samples", "--inception-weights")) -> None:
+                  keys: tuple[str, str] = ("--num-samples", "--inception-weights"),
+                  lpips_weights: str | None = None) -> LPIPS | None:
     """Bad input fails before any work: unknown metrics, too few samples, a weights file that is
-    not there. `keys` name the sample count and weights settings as the user wrote them."""
+    not there (or, for lpips, not of its layout). `keys` name the sample count and Inception
+    weights settings as the user wrote them. Returns the LPIPS network when lpips is requested
+    and its weights are set."""
     check_metric_names(metrics)
     if num_samples < 2:
         raise UserError(f"{keys[0]}: at least 2 samples are needed (got {num_samples})")
     needs_inception = any(METRICS[m].extractor == "inception" for m in metrics)
     if needs_inception and inception_weights and not Path(inception_weights).expanduser().is_file():
         raise UserError(f"{keys[1]} {inception_weights}: file not found")
+    if "lpips" in metrics and lpips_weights:
+        return load_lpips(Path(lpips_weights).expanduser())
+    return None
 
 
 def require_standard_weights(metrics: list[str], inception_weights: str | None) -> None:
@@ -102,10 +109,10 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
     it). A MODEL is compared against the real data brought to the model's resolution. Every
     metric sees the same samples, and reports the resolution they had. `settings` (the eval
     section, or just its metric keys) tune single metrics."""
-    check_request(metrics, num_samples, inception_weights)
+    settings = metric_settings(settings)
+    check_request(metrics, num_samples, inception_weights, lpips_weights=settings.lpips_weights)
     if accelerator is None:
         require_standard_weights(metrics, inception_weights)
-    settings = metric_settings(settings)
     if num_processes > 1 and accelerator is None:
         request = {"real": real, "fake": fake, "metrics": metrics, "num_samples": num_samples, "bootstrap": bootstrap,
                    "inception_weights": inception_weights, "resolution": resolution, "seed": seed,
@@ -139,19 +146,24 @@ def evaluate_sources(real: str, fake: str, metrics: list[str], num_samples: int,
 def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """The pipeline's evaluate task: the run's EMA generator against its own training data."""
     e = cfg.eval
-    check_request(e.metrics, e.num_samples, e.inception_weights, ("eval.num_samples", "eval.inception_weights"))
+    lpips_model = check_request(e.metrics, e.num_samples, e.inception_weights,
+                                ("eval.num_samples", "eval.inception_weights"), e.lpips_weights)
     info = runs.read_info(run_dir)
     data = open_prepared(info["data"]["location"], cfg.storage.endpoint_url)
     device = default_device()
     loaded = load_generator(str(run_dir), device)
     if loaded.spec.image_to_image:
-        holdout = holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)[1]
+        lpips = LPIPSMeasure(lpips_model.to(device), device) if lpips_model is not None else None
+        if "lpips" in e.metrics and lpips is None:
+            print(f"warning: lpips skipped: {LPIPS_HOWTO}", file=sys.stderr)
+        holdout = holdout_split(data.num_records, cfg.data.effective_holdout_fraction)[1]
         psnr_stage = runs.generator_dir(run_dir, "psnr")
         if (psnr_stage / "generator.safetensors").exists():  # the PSNR model: registered on its own (--stage psnr)
             files = read_generator(psnr_stage)
-            results = evaluate_super_resolution_run(files.generator.to(device), files.spec, data, holdout, cfg, device)
+            results = evaluate_super_resolution_run(files.generator.to(device), files.spec, data, holdout, cfg, device,
+                                                    lpips)
             record_evaluation(run_dir, results, len(holdout), files.weights_sha256, data.fingerprint, stage="psnr")
-        results = evaluate_super_resolution_run(loaded.generator, loaded.spec, data, holdout, cfg, device)
+        results = evaluate_super_resolution_run(loaded.generator, loaded.spec, data, holdout, cfg, device, lpips)
         return record_evaluation(run_dir, results, len(holdout), loaded.source["generator_sha256"], data.fingerprint)
     fake = GeneratedSamples(loaded, e.num_samples, cfg.seed + 1, label_weights(data, loaded.spec), device)
     ctx = EvalContext(RealSamples(data, e.num_samples, cfg.seed), fake, bootstrap=e.bootstrap, seed=cfg.seed,
@@ -161,21 +173,27 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict[str, Any]:
 
 
 def evaluate_super_resolution_run(generator: torch.nn.Module, spec: Any, data: PreparedData, holdout: np.ndarray,
-                                  cfg: Config, device: torch.device) -> dict[str, Any]:
-    """psnr and ssim of a super-resolution run's generator on its held-out images (`holdout`),
-    each with `<name>_bicubic` beside it; other metrics do not apply and say so."""
-    names = [m for m in cfg.eval.metrics if m in SR_METRICS]
+                                  cfg: Config, device: torch.device, lpips: LPIPSMeasure | None = None
+                                  ) -> dict[str, Any]:
+    """psnr, ssim and lpips of a super-resolution run's generator on its held-out images
+    (`holdout`), each with `<name>_bicubic` beside it; other metrics do not apply and say so.
+    lpips without its weights (`lpips` None) is unavailable, as fid without Inception's."""
+    names = [m for m in cfg.eval.metrics if m in SR_METRICS and (m != "lpips" or lpips is not None)]
     measured = evaluate_super_resolution(generator, spec, data, holdout, cfg.data.degradation, names,
-                                         cfg.eval.sr_y_channel, device)
+                                         cfg.eval.sr_y_channel, device, lpips)
     results: dict[str, Any] = {}
     for name in cfg.eval.metrics:
         if name not in SR_METRICS:
             results[name] = {"value": None, "uncertainty": None,
-                             "error": f"{name} does not apply to super-resolution (use psnr, ssim)"}
+                             "error": f"{name} does not apply to super-resolution (use {', '.join(SR_METRICS)})"}
+            continue
+        if name not in measured:
+            results[name] = {"value": None, "uncertainty": None, "error": LPIPS_HOWTO}
             continue
         results[name] = measured[name]
-        results[f"{name}_bicubic"] = {"value": measured[name]["bicubic"],
-                                      "uncertainty": measured[name]["bicubic_uncertainty"]}
+        if measured[name]["value"] is not None:
+            results[f"{name}_bicubic"] = {"value": measured[name]["bicubic"],
+                                          "uncertainty": measured[name]["bicubic_uncertainty"]}
     return results
 
 

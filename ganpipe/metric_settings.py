@@ -1,4 +1,4 @@
-"""The `eval.*` keys that tune individual metrics (uplift, coverage and density), with their
+"""The `eval.*` keys that tune individual metrics (uplift, coverage and density, lpips), with their
 defaults in one place: `EvalConfig` inherits them, and `ganpipe.metrics.EvalContext` holds them,
 so a metric called without a config (checkpoint scores, tests) gets the same defaults.
 
@@ -37,6 +37,10 @@ class MetricSettings(BaseModel):
     uplift_cnn_steps: int | None = Field(None, ge=1, description="uplift's cnn: optimiser steps per training, the "
                                          "same for every mix (default: from the largest mix's size)")
     prdc_k: int = Field(5, ge=1, description="coverage and density: the k of the k-nearest-neighbour balls")
+    lpips_weights: str | None = Field(
+        None, description="srgan: the lpips package's LPIPS weights (alex or vgg; torch.save(lpips.LPIPS(net='alex')"
+                          ".state_dict(), 'lpips-alex.pth'), or .safetensors); never downloaded; unset: lpips is "
+                          "reported unavailable")
 
     @field_validator("uplift_ratios")
     @classmethod

@@ -333,7 +333,7 @@ def save_version_grid(run_dir: Path, version: int, model: torch.nn.Module, spec:
     grid = run_dir / "registry" / f"v{version}" / "samples.png"
     if spec.image_to_image:
         data = open_prepared(runs.read_info(run_dir)["data"]["location"], cfg.storage.endpoint_url)
-        held_out = holdout_split(data.num_records, cfg.data.holdout_fraction or 0.1)[1]
+        held_out = holdout_split(data.num_records, cfg.data.effective_holdout_fraction)[1]
         save_grid(comparison_rows(model, spec, data, held_out[:8], cfg.data.degradation), grid)
         return grid
     labels = [i % spec.num_classes for i in range(64)] if spec.conditional else None

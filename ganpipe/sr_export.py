@@ -127,7 +127,7 @@ class HeldOutInput:
     def __init__(self, run_dir: Path, endpoint_url: str | None):
         cfg = runs.load_run_config(run_dir)
         self.data = open_prepared(runs.read_info(run_dir)["data"]["location"], endpoint_url)
-        self.indices = holdout_split(self.data.num_records, cfg.data.holdout_fraction or 0.1)[1]
+        self.indices = holdout_split(self.data.num_records, cfg.data.effective_holdout_fraction)[1]
         self.scale, self.degradation = cfg.model.scale, cfg.data.degradation
         self.description, self.fingerprint = f"the held-out images of {run_dir}", self.data.fingerprint
         self.num_rows, self.others = len(self.indices), {}

@@ -1,7 +1,7 @@
 """Super-resolution losses: pixel (L1 or MSE), feature (distances of VGG19's conv5_4 features,
 before its ReLU, as ESRGAN) and the adversarial objectives (standard, and ESRGAN's relativistic
 average). The VGG19 weights come from a file the user supplies (`train.vgg_weights`,
-torchvision's layout); nothing is downloaded, and nothing is unpickled beyond tensors.
+torchvision's layout; ganpipe.feature_networks reads it): nothing is downloaded, nothing unpickled.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganpipe.errors import UserError
+from ganpipe.feature_networks import checked_state, read_state, vgg_features
 
 Tensor = torch.Tensor
 # torchvision's vgg19 `features`: convolutions (3x3, these widths) and "M" (2x2 max pooling).
@@ -29,33 +29,7 @@ VGG_HOWTO = ("train.vgg_weights is not set: training with the pixel loss alone. 
 def vgg19_features(upto: int = len(VGG19_LAYOUT) + 16) -> nn.Sequential:
     """VGG19's `features` with torchvision's module indices (so its state_dict keys are
     torchvision's), truncated after module `upto`."""
-    layers: list[nn.Module] = []
-    channels = 3
-    for item in VGG19_LAYOUT:
-        if item == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.ReLU(inplace=True)]
-            channels = int(item)
-    return nn.Sequential(*layers[:upto + 1])
-
-
-def read_state(path: Path, key: str) -> dict[str, Tensor]:
-    """A weights file's tensors: safetensors, or a torch.save file read weights-only."""
-    if not path.is_file():
-        raise UserError(f"{key} {path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input, named
-        raise UserError(f"{key} {path}: not a weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-                        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserError(f"{key} {path}: not a state dict of tensors")
-    return state
+    return vgg_features(VGG19_LAYOUT, upto)
 
 
 class VGGFeatureLoss(nn.Module):
@@ -65,15 +39,9 @@ class VGGFeatureLoss(nn.Module):
     def __init__(self, path: Path, key: str = "train.vgg_weights"):
         super().__init__()
         self.features = vgg19_features(CONV5_4).requires_grad_(False).eval()
-        state = read_state(path, key)
         wanted = {f"features.{name}": tensor for name, tensor in self.features.state_dict().items()}
-        missing = [name for name in wanted if name not in state]
-        wrong = [name for name in wanted if name in state and state[name].shape != wanted[name].shape]
-        if missing or wrong:
-            problem = f"missing {missing[0]}" if not wrong else \
-                f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(wanted[wrong[0]].shape)}"
-            raise UserError(f"{key} {path}: not VGG19 weights in torchvision's layout ({problem})")
-        self.features.load_state_dict({name.removeprefix("features."): state[name].float() for name in wanted})
+        state = checked_state(read_state(path, key), wanted, key, path, "VGG19 weights in torchvision's layout")
+        self.features.load_state_dict({name.removeprefix("features."): tensor for name, tensor in state.items()})
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 

@@ -75,7 +75,7 @@ class SRTrainer(Trainer):
     def new_sampler(self) -> BatchSampler:
         """Batches over the training part only: positions in `train_indices`."""
         self.train_indices, self.holdout_indices = holdout_split(self.data.num_records,
-                                                                 self.cfg.data.holdout_fraction or 0.1)
+                                                                 self.cfg.data.effective_holdout_fraction)
         acc = self.accelerator
         return BatchSampler(len(self.train_indices), self.cfg.train.batch_size, self.cfg.seed, acc.process_index,
                             acc.num_processes)

@@ -147,3 +147,29 @@ def write_random_vgg19(path: Path, seed: int = 0) -> Path:
     else:
         torch.save(state, path)
     return path
+
+
+def write_random_lpips(path: Path, backbone: str = "alex", seed: int = 0) -> Path:
+    """An LPIPS weights file in the `lpips` package's state-dict layout (`net.sliceK.N.*`,
+    `linK.model.1.weight`), random values (He-normal convolutions, positive linear weights as
+    the learned ones are): for tests that need the layout without the package, never a
+    substitute for real weights. `.safetensors` or a weights-only `torch.save` file, by the suffix."""
+    from safetensors.torch import save_file
+
+    from ganpipe.metrics.lpips import LPIPS
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in LPIPS(backbone).state_dict().items():
+        if name.startswith("lin"):
+            state[name] = torch.rand(tensor.shape, generator=generator) / tensor.shape[1]
+        elif tensor.dim() > 1:
+            state[name] = torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / tensor[0].numel())
+        else:
+            state[name] = torch.zeros(tensor.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path

@@ -99,3 +99,13 @@ def test_cli_bad_flag_value_exits_2() -> None:
     result = run_cli("train", "configs/digits-dcgan.yaml", "--resume", "sometimes")
     assert result.returncode == 2
     assert len(error_lines(result.stderr)) == 1
+
+
+def test_the_held_out_share_is_the_key_or_srgans_default_in_one_place() -> None:
+    from ganpipe.config import DataConfig
+
+    assert DataConfig(source="x").effective_holdout_fraction == 0.1  # a bare section: the default
+    assert DataConfig(source="x", holdout_fraction=0.25).effective_holdout_fraction == 0.25
+    srgan = Config(data={"source": "x"}, model={"family": "srgan"})
+    assert srgan.data.holdout_fraction == srgan.data.effective_holdout_fraction == 0.1
+    assert "effective_holdout_fraction" not in srgan.to_dict()["data"]  # not a key: the config hash is unchanged

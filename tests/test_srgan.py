@@ -16,7 +16,9 @@ from ganpipe.config_files import load_config
 from ganpipe.data import ingest, open_prepared
 from ganpipe.data.pairs import (
     bicubic_downscale,
+    bicubic_upscale,
     degrade,
+    evaluation_pair,
     holdout_split,
     random_crop,
     training_pairs,
@@ -25,7 +27,7 @@ from ganpipe.errors import UserError
 from ganpipe.metrics.sr import gaussian_window, psnr, ssim
 from ganpipe.networks import NetworkSpec, build_discriminator, build_generator, check_spec, generate
 from tests.conftest import error_lines, last_json, run_cli, write_config
-from tests.fixtures import new_run_dir, write_photo_folder, write_random_vgg19
+from tests.fixtures import new_run_dir, write_photo_folder, write_random_lpips, write_random_vgg19
 
 
 def sr_config(folder: Path, scale: int = 2, resolution: int = 16) -> str:
@@ -223,7 +225,47 @@ def test_resume_in_each_stage_is_bitwise_an_uninterrupted_run(tmp_path: Path, ph
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_a_run_through_the_cli_trains_every_stage_and_evaluates_against_bicubic(tmp_path: Path, photos: Path) -> None:
+def check_lpips_beside_bicubic(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The run's evaluation with eval.lpips_weights: lpips and lpips_bicubic on the held-out
+    images (the bicubic number recomputed here image by image), or lpips unavailable, saying why,
+    when the images are too small for its backbone; without the key: lpips unavailable, saying
+    how to make the file, and the other metrics measured."""
+    from ganpipe import runs
+    from ganpipe.evaluate import evaluate_run
+    from ganpipe.metrics.lpips import LPIPS_HOWTO, LPIPSMeasure, load_lpips
+
+    cfg = runs.load_run_config(run_dir)
+    cfg.eval.metrics, cfg.eval.lpips_weights = ["psnr", "lpips"], str(write_random_lpips(tmp_path / "alex.pth"))
+    metrics = evaluate_run(run_dir, cfg)["metrics"]  # AlexNet needs 31 px: these photos are 32 to 72 px
+    assert set(metrics) == {"psnr", "psnr_bicubic", "lpips"} and metrics["lpips"]["value"] is None
+    assert metrics["lpips"]["error"] == ("held-out image 10: LPIPS with the alex backbone needs images of at least "
+                                         "31x31 px after the 2 px border crop, got 32x48")
+    cfg.eval.lpips_weights = str(write_random_lpips(tmp_path / "vgg.pth", "vgg"))
+    metrics = evaluate_run(run_dir, cfg)["metrics"]
+    assert set(metrics) == {"psnr", "psnr_bicubic", "lpips", "lpips_bicubic"}, metrics
+    lpips = metrics["lpips"]
+    assert lpips["num_images"] == 2 and lpips["y_channel"] is False and lpips["border"] == 2
+    assert metrics["lpips_bicubic"] == {"value": lpips["bicubic"], "uncertainty": lpips["bicubic_uncertainty"]}
+    data = open_prepared(runs.read_info(run_dir)["data"]["location"])
+    measure = LPIPSMeasure(load_lpips(Path(cfg.eval.lpips_weights)))
+    per_image = []
+    for index in holdout_split(data.num_records, cfg.data.effective_holdout_fraction)[1]:
+        hr, lr = evaluation_pair(data, int(index), 2, "bicubic")
+        per_image.append(measure(bicubic_upscale(lr, 2), hr, 2))
+    assert lpips["bicubic"] == pytest.approx(np.mean(per_image), abs=1e-6) and lpips["bicubic"] > 0
+    assert lpips["bicubic_uncertainty"] == pytest.approx(np.std(per_image, ddof=1) / math.sqrt(2), abs=1e-6)
+    assert lpips["value"] > 0 and lpips["value"] != lpips["bicubic"]
+    capsys.readouterr()
+    cfg.eval.lpips_weights = None
+    evaluation = evaluate_run(run_dir, cfg)
+    assert evaluation["metrics"]["lpips"] == {"value": None, "uncertainty": None, "error": LPIPS_HOWTO}
+    assert set(evaluation["metrics"]) == {"psnr", "psnr_bicubic", "lpips"}
+    assert evaluation["status"] == "ok" and evaluation["failed"] == ["lpips"]
+    assert capsys.readouterr().err.count(f"warning: lpips skipped: {LPIPS_HOWTO}") == 1
+
+
+def test_a_run_through_the_cli_trains_every_stage_and_evaluates_against_bicubic(
+        tmp_path: Path, photos: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path / "c.yaml", sr_config(photos))
     result = run_cli("train", str(config), "--json")
     assert result.returncode == 0, result.stderr
@@ -242,6 +284,7 @@ def test_a_run_through_the_cli_trains_every_stage_and_evaluates_against_bicubic(
     assert set(metrics) == {"psnr", "psnr_bicubic", "ssim", "ssim_bicubic"}
     assert metrics["psnr"]["num_images"] == 2 and 0 < metrics["psnr"]["value"] < 60
     assert metrics["psnr_bicubic"]["value"] == metrics["psnr"]["bicubic"] > 15
+    check_lpips_beside_bicubic(run_dir, tmp_path, capsys)
     refused = run_cli("generate", "--model", str(run_dir), "--num-images", "4", "--out", str(tmp_path / "g.png"))
     assert refused.returncode == 2 and error_lines(refused.stderr) == [
         "error: --model: a srgan generator super-resolves images; `ganpipe generate` samples from seeds and does "

@@ -334,8 +334,8 @@ def _density(ctx: EvalContext) -> dict[str, Any]:
 
 
 def _super_resolution(ctx: EvalContext) -> dict[str, Any]:
-    raise MetricUnavailable("psnr and ssim measure a super-resolution model (model.family srgan) on its run's "
-                            "held-out images: evaluate the run (the pipeline's evaluate task)")
+    raise MetricUnavailable("psnr, ssim and lpips measure a super-resolution model (model.family srgan) on its "
+                            "run's held-out images: evaluate the run (the pipeline's evaluate task)")
 
 
 @dataclass(frozen=True)
@@ -365,6 +365,8 @@ METRICS: dict[str, Metric] = {
     "psnr": Metric("psnr", True, _super_resolution, "super-resolution: PSNR (dB) on held-out images, border "
                    "cropped by the scale, Y channel by default; psnr_bicubic beside it"),
     "ssim": Metric("ssim", True, _super_resolution, "super-resolution: SSIM on held-out images (as psnr)"),
+    "lpips": Metric("lpips", False, _super_resolution, "super-resolution: LPIPS v0.1 (Zhang et al. 2018) on "
+                    "held-out images, RGB, border cropped, with eval.lpips_weights; lpips_bicubic beside it"),
     "uplift": Metric("uplift", True, _uplift, "augmentation value: held-out accuracy gained by a downstream "
                      "classifier trained on real + synthetic rows at the best of eval.uplift_ratios"),
     "coverage": Metric("coverage", True, _coverage, "coverage (Naeem et al. 2020): share of real samples with a "

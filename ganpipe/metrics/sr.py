@@ -7,12 +7,14 @@ the same numbers for bicubic upscaling of the same inputs, with MATLAB's and Bas
 - PSNR on the 0..255 scale; SSIM with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
   K2 = 0.03, over the 'valid' window positions, averaged over channels (Wang et al. 2004).
 
+LPIPS (ganpipe.metrics.lpips, when its weights are supplied) is measured on the same pixels, in RGB.
 Each metric is the mean over images, its uncertainty the standard error of that mean.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 
 from ganpipe.data.pairs import bicubic_upscale, centre_pair, evaluation_pair
 from ganpipe.data.prepared import PreparedData
+from ganpipe.metrics.lpips import LPIPSMeasure
 from ganpipe.networks import NetworkSpec, from_network_space, images_to_network_space
 
 Y_WEIGHTS = np.array([65.481, 128.553, 24.966]) / 255.0
@@ -86,23 +89,36 @@ def super_resolve(generator: torch.nn.Module, spec: NetworkSpec, lr: np.ndarray,
 
 def evaluate_super_resolution(generator: torch.nn.Module, spec: NetworkSpec, data: PreparedData,
                               indices: np.ndarray, degradation: str, names: list[str], y_channel: bool = True,
-                              device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
-    """`names` (psnr, ssim) of the generator on the held-out images at `indices`, each with
-    `bicubic` (the same metric for PIL's bicubic upscale of the same inputs) beside it."""
-    measures = {"psnr": psnr, "ssim": ssim}
+                              device: torch.device | str = "cpu", lpips: LPIPSMeasure | None = None
+                              ) -> dict[str, dict[str, Any]]:
+    """`names` (psnr, ssim; lpips when `lpips` is given) of the generator on the held-out images
+    at `indices`, each with `bicubic` (the same metric for PIL's bicubic upscale of the same
+    inputs) beside it. A metric that cannot measure an image (too small for it) is reported
+    with `value` None and the `error`; the others still are."""
+    measures: dict[str, Callable[..., float]] = {"psnr": psnr, "ssim": ssim}
+    if lpips is not None:
+        measures["lpips"] = lpips
     per_image: dict[str, list[float]] = {f"{n}{side}": [] for n in names for side in ("", "_bicubic")}
+    errors: dict[str, str] = {}
     for index in indices:
         hr, lr = evaluation_pair(data, int(index), spec.scale, degradation)
         outputs = {"": super_resolve(generator, spec, lr, device), "_bicubic": bicubic_upscale(lr, spec.scale)}
-        for name in names:
-            for side, output in outputs.items():
-                per_image[f"{name}{side}"].append(measures[name](output, hr, spec.scale, y_channel))
+        for name in (n for n in names if n not in errors):
+            try:
+                for side, output in outputs.items():
+                    per_image[f"{name}{side}"].append(measures[name](output, hr, spec.scale, y_channel))
+            except ValueError as exc:
+                errors[name] = f"held-out image {int(index)}: {exc}"
     results: dict[str, dict[str, Any]] = {}
     for name in names:
+        if name in errors:
+            results[name] = {"value": None, "uncertainty": None, "error": errors[name]}
+            continue
         bicubic = summary(per_image[f"{name}_bicubic"])
+        on_y = y_channel and spec.sample_shape[0] == 3 and name != "lpips"  # LPIPS is defined on RGB
         results[name] = summary(per_image[name]) | {
             "bicubic": bicubic["value"], "bicubic_uncertainty": bicubic["uncertainty"],
-            "y_channel": y_channel and spec.sample_shape[0] == 3, "border": spec.scale}
+            "y_channel": on_y, "border": spec.scale}
     return results
 
 
