@@ -5,6 +5,7 @@ the same networks, batch size and precision.
     python -m benchmarks.train_throughput --resolution 64 --batch-size 128 \
         --precision bf16 --channels-last --compile                          # GPU: ganpipe's fast path vs plain fp32
     python -m benchmarks.train_throughput --family r3gan --data-path device prefetch sync --json
+    python -m benchmarks.train_throughput --family mlp --batch-size 256 --width 128   # vectors (25 Gaussians)
 
 ganpipe's side is `Trainer.iteration()`, the body of the real loop: real batches through the data
 path (ganpipe.batches: `--data-path device` keeps the dataset on the GPU, `prefetch` gathers the
@@ -95,18 +96,25 @@ DATA_PATHS = {"device": ["train.prefetch=2", "train.data_on_device_fraction=0.25
               "sync": ["train.prefetch=0", "train.data_on_device_fraction=0"]}
 
 
+# The config each family starts from: images from the digits, the MLP on 2-D vectors (25 Gaussians).
+BASE_CONFIGS = {"dcgan": "configs/digits-dcgan.yaml", "resnet": "configs/digits-dcgan.yaml",
+                "r3gan": "configs/digits-dcgan.yaml", "mlp": "configs/gaussians-mlp.yaml"}
+
+
 def overrides(args: argparse.Namespace, data_path: str) -> list[str]:
-    return [f"data.resolution={args.resolution}", f"train.batch_size={args.batch_size}", f"model.family={args.family}",
+    shape = [] if args.family == "mlp" else [f"data.resolution={args.resolution}"]
+    return [*shape, f"train.batch_size={args.batch_size}", f"model.family={args.family}",
             f"model.g_width={args.width}", f"model.d_width={args.width}", "model.latent_dim=100",
-            "train.loss=non_saturating", f"train.mixed_precision={args.precision}",
+            "train.loss=non_saturating", "train.r1_gamma=0", "train.lr_decay=none",
+            f"train.mixed_precision={args.precision}",
             f"train.channels_last={str(args.channels_last).lower()}", f"train.compile={str(args.compile).lower()}",
             *DATA_PATHS[data_path]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["dcgan", "resnet", "r3gan"], default="dcgan")
-    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--family", choices=list(BASE_CONFIGS), default="dcgan")
+    parser.add_argument("--resolution", type=int, default=32, help="image families only (the MLP trains on 2-D vectors)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=64, help="base channels of G and D (model.g_width/d_width)")
     parser.add_argument("--steps", type=int, default=50)
@@ -125,15 +133,16 @@ def main() -> None:
         os.environ["GANPIPE_HOME"] = home
         trainers: dict[str, Trainer] = {}
         for data_path in args.data_path:
-            cfg = load_config("configs/digits-dcgan.yaml", [*overrides(args, data_path),
+            cfg = load_config(BASE_CONFIGS[args.family], [*overrides(args, data_path),
                                                             f"train.run_name=throughput-{data_path}"])
             with prepared_run(cfg) as prepared:  # a temporary home: no other writer after it
                 trainers[data_path] = Trainer(cfg, prepared.run_dir)
         first = next(iter(trainers.values()))
         # The baseline stays plain fp32 on the GPU (the issue's goal); on CPU it matches ganpipe's precision.
         plain_precision = "no" if first.device.type == "cuda" else args.precision
-        print(f"device {first.device}, threads {torch.get_num_threads()}, {args.family} {args.resolution}x"
-              f"{args.resolution}, width {args.width}, batch {args.batch_size}; ganpipe precision "
+        shape = "2-D vectors" if args.family == "mlp" else f"{args.resolution}x{args.resolution}"
+        print(f"device {first.device}, threads {torch.get_num_threads()}, {args.family} {shape}, "
+              f"width {args.width}, batch {args.batch_size}; ganpipe precision "
               f"{args.precision}{', channels_last' if args.channels_last else ''}"
               f"{', compile' if args.compile else ''}; plain loop precision {plain_precision}", flush=True)
         ours: dict[str, list[float]] = {name: [] for name in trainers}
@@ -143,7 +152,7 @@ def main() -> None:
                 ours[name].append(time_ganpipe(trainer, args.steps, args.warmup))
             if not args.no_plain:
                 plain.append(time_plain(copy.copy(first), args.steps, args.warmup, plain_precision))
-        figures = {"family": args.family, "resolution": args.resolution, "batch_size": args.batch_size,
+        figures = {"family": args.family, "resolution": None if args.family == "mlp" else args.resolution, "batch_size": args.batch_size,
                    "width": args.width, "precision": args.precision, "channels_last": args.channels_last,
                    "compile": args.compile, "device": str(first.device), "plain_precision": plain_precision,
                    "plain_images_per_s": max(plain) if plain else None, "ganpipe": {}}
