@@ -130,7 +130,6 @@ def write_random_vgg19(path: Path, seed: int = 0) -> Path:
     """A VGG19 weights file in torchvision's layout (`features.N.weight/bias`, as `vgg19().state_dict()`),
     random He-normal values: for the feature loss's tests, never a substitute for real weights.
     `.safetensors` or a weights-only `torch.save` file, by the suffix."""
-    from safetensors.torch import save_file
 
     from ganpipe.sr_losses import vgg19_features
 
@@ -141,6 +140,13 @@ def write_random_vgg19(path: Path, seed: int = 0) -> Path:
         state[f"features.{name}"] = (torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / fan_in)
                                      if tensor.dim() > 1 else torch.zeros(tensor.shape))
     state["classifier.6.bias"] = torch.zeros(1000)  # a token of the classifier (the loss ignores it; 400 MB in full)
+    return save_state(state, path)
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """`.safetensors` or a weights-only `torch.save` file, by the suffix."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         save_file(state, str(path))
@@ -154,7 +160,6 @@ def write_random_lpips(path: Path, backbone: str = "alex", seed: int = 0) -> Pat
     `linK.model.1.weight`), random values (He-normal convolutions, positive linear weights as
     the learned ones are): for tests that need the layout without the package, never a
     substitute for real weights. `.safetensors` or a weights-only `torch.save` file, by the suffix."""
-    from safetensors.torch import save_file
 
     from ganpipe.metrics.lpips import LPIPS
 
@@ -167,9 +172,4 @@ def write_random_lpips(path: Path, backbone: str = "alex", seed: int = 0) -> Pat
             state[name] = torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / tensor[0].numel())
         else:
             state[name] = torch.zeros(tensor.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
-    return path
+    return save_state(state, path)
