@@ -17,8 +17,9 @@ from ganpipe import checkpoint
 from ganpipe.config_files import load_config
 from ganpipe.errors import UserError
 from ganpipe.recipe import BatchSampler
-from ganpipe.trainer import update_ema
+from ganpipe.trainer import Trainer, update_ema
 from tests.conftest import GANPIPE, TINY_DIGITS, error_lines, last_json, run_cli, write_config
+from tests.fixtures import new_run_dir, train_iterations, trainer_weights
 from tests.processes import crash_after_checkpoint
 
 # --- units -------------------------------------------------------------------------------------
@@ -320,22 +321,29 @@ train: {{steps: {steps}, batch_size: 32, log_every: 10, checkpoint_every: 30, sa
 """)
 
 
-@pytest.mark.slow
+def _gaussians_trainer(tmp_path: Path, *overrides: str) -> Trainer:
+    cfg = load_config(_gaussians_config(tmp_path), ["train.cpu=true", *overrides])
+    return Trainer(cfg, new_run_dir(cfg))
+
+
 def test_gradient_accumulation_and_adaptive_schedule(tmp_path: Path) -> None:
     """Accumulating 4 micro-batches gives the same weights as one batch (no batch norm in the MLP);
     the adaptive schedule trains both sides."""
-    base = _gaussians_config(tmp_path)
-    one = run_cli("train", str(base), "--json")
-    four = run_cli("train", str(base), "--set", "train.grad_accum=4", "--json")
-    adaptive = run_cli("train", str(base), "--set", "train.schedule=adaptive", "--set", "train.d_steps=1",
-                       "--set", "train.adaptive_d_threshold=1.5", "--set", "train.adaptive_g_threshold=0.8", "--json")
-    for result in (one, four, adaptive):
-        assert result.returncode == 0, result.stderr[-2000:]
-    w1 = load_file(str(Path(last_json(one.stdout)["run_dir"]) / "generator/generator.safetensors"))
-    w4 = load_file(str(Path(last_json(four.stdout)["run_dir"]) / "generator/generator.safetensors"))
-    assert all(torch.allclose(w1[k], w4[k], atol=1e-4) for k in w1)
-    out = last_json(adaptive.stdout)
-    assert out["d_updates"] > 0 and out["g_updates"] > 0 and out["d_updates"] + out["g_updates"] == 30
+    results = {}
+    for accum in (1, 4):
+        trainer = _gaussians_trainer(tmp_path, f"train.grad_accum={accum}", f"train.run_name=accum-{accum}")
+        train_iterations(trainer, 30)
+        results[accum] = trainer_weights(trainer)
+        trainer.close()
+    assert results[1].keys() == results[4].keys()
+    assert all(torch.allclose(results[1][k], results[4][k], atol=1e-4) for k in results[1])
+    assert any(not torch.equal(results[1][k], results[4][k]) for k in results[1])  # two computations, one result
+
+    adaptive = _gaussians_trainer(tmp_path, "train.schedule=adaptive", "train.d_steps=1",
+                                  "train.adaptive_d_threshold=1.5", "train.adaptive_g_threshold=0.8")
+    train_iterations(adaptive, 30)
+    assert adaptive.d_updates > 0 and adaptive.g_updates > 0 and adaptive.d_updates + adaptive.g_updates == 30
+    adaptive.close()
 
 
 def test_linear_learning_rate_decay(tmp_path: Path) -> None:
@@ -355,10 +363,10 @@ def test_linear_learning_rate_decay(tmp_path: Path) -> None:
 
 
 def test_k_discriminator_steps_per_generator_step(tmp_path: Path) -> None:
-    result = run_cli("train", str(_gaussians_config(tmp_path, ", d_steps: 3", steps=10)), "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = last_json(result.stdout)
-    assert (out["d_updates"], out["g_updates"]) == (30, 10)
+    trainer = _gaussians_trainer(tmp_path, "train.d_steps=3")
+    train_iterations(trainer, 10)
+    assert (trainer.d_updates, trainer.g_updates) == (30, 10)
+    trainer.close()
 
 
 def test_sample_grid_helper(tmp_path: Path) -> None:
