@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ganpipe import checkpoint, losses
+from ganpipe import losses
 from ganpipe.config_files import load_config
-from tests.conftest import ROOT, TINY_DIGITS, error_lines, last_json, run_cli, write_config
+from tests.conftest import ROOT, TINY_DIGITS, last_json, run_cli, write_config
 
 REAL = torch.tensor([2.0, -1.0, 0.5])
 FAKE = torch.tensor([-3.0, 0.0, 1.5])
@@ -281,17 +281,3 @@ def test_relativistic_training_with_r1_r2_and_lazy_regularisation(tmp_path: Path
         assert [m.step for m in history] == [3, 6], key
         assert all(math.isfinite(m.value) for m in history), key
     assert client.get_run(out["mlflow_run_id"]).data.metrics["r2_gamma"] == 1.0
-
-
-def test_relativistic_divergence_stops_with_the_divergence_error(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", TINY_DIGITS.replace("steps: 20", "steps: 10"))
-    result = run_cli("train", str(config), "--set", "train.loss=relativistic", "--set", "train.r1_gamma=1",
-                     "--set", "train.r2_gamma=1", "--set", "train.g_lr=1e12", "--set", "train.d_lr=1e12",
-                     "--set", "train.log_every=1", "--set", "train.checkpoint_every=1")
-    assert result.returncode == 1
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "training diverged at step" in errors[0], result.stderr[-2000:]
-    run_dir = next((Path(os.environ["GANPIPE_HOME"]) / "runs").iterdir())
-    for kept in checkpoint.list_checkpoints(run_dir):
-        networks, _ = checkpoint.load_checkpoint(kept)
-        assert all(torch.isfinite(t).all() for weights in networks.values() for t in weights.values())
