@@ -2,7 +2,8 @@
 is started, supervised and read here, the same way.
 
 Launcher side, `run_workers`:
-- the group runs as `accelerate launch ... --module MODULE ARGS` in a session of its own;
+- the group runs as `accelerate launch ... --module MODULE ARGS` (one local process: the module
+  itself, with the variables accelerate would give it) in a session of its own;
 - its output goes to a log file (when given) and to a line callback or our stderr;
 - cancelling (Ctrl-C, SIGTERM, a Prefect cancellation or timeout) kills the whole group and every
   descendant, every rank included;
@@ -55,6 +56,23 @@ class WorkerFailed(Failure):
 
 # --- launcher side ---------------------------------------------------------------------------------
 
+def worker_command(module: str, args: list[str], num_processes: int = 1, num_machines: int = 1,
+                   mixed_precision: str = "no", accelerate_config: str | None = None
+                   ) -> tuple[list[str], dict[str, str]]:
+    """The command that starts the group, and the Accelerate variables it needs beyond our
+    environment. One process on one machine without an Accelerate config file is
+    `python -m MODULE ARGS` with the variables `accelerate launch` would set for it: its simple
+    launcher does no more than that, and a launcher process between us and the worker costs a
+    Python start and a torch import (about 3 s a command). Anything else is `accelerate launch`."""
+    if num_processes == 1 and num_machines == 1 and not accelerate_config:
+        # As accelerate's simple launcher sets them (accelerate.utils.launch), threads included:
+        # it gives one worker OMP_NUM_THREADS=1 unless the caller set it.
+        return [sys.executable, "-m", module, *args], {
+            "ACCELERATE_MIXED_PRECISION": mixed_precision, "ACCELERATE_DYNAMO_BACKEND": "NO",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return accelerate_command(module, args, num_processes, num_machines, mixed_precision, accelerate_config), {}
+
+
 def accelerate_command(module: str, args: list[str], num_processes: int = 1, num_machines: int = 1,
                        mixed_precision: str = "no", accelerate_config: str | None = None) -> list[str]:
     """`accelerate launch` of `python -m MODULE ARGS`, one process per device."""
@@ -88,13 +106,14 @@ def run_workers(module: str, args: list[str], *, what: str, num_processes: int =
                 mixed_precision: str = "no", accelerate_config: str | None = None, cpu: bool = False,
                 on_line: LineHandler | None = None, log_file: Path | None = None, hold_fds: tuple[int, ...] = ()
                 ) -> None:
-    """Run `accelerate launch -m MODULE ARGS` to the end. Raises UserError or WorkerFailed naming
-    the workers' own cause when they fail; `what` names the work in messages ("training").
-    `hold_fds` (lock descriptors, ganpipe.locks) are inherited by the launched group, so a lock
-    stays held until its last process is gone, even when we are killed first."""
-    cmd = accelerate_command(module, args, num_processes, num_machines, mixed_precision, accelerate_config)
+    """Run MODULE ARGS in `num_processes` workers (`worker_command`) to the end. Raises UserError or
+    WorkerFailed naming the workers' own cause when they fail; `what` names the work in messages
+    ("training"). `hold_fds` (lock descriptors, ganpipe.locks) are inherited by the launched group,
+    so a lock stays held until its last process is gone, even when we are killed first."""
+    cmd, accelerate_env = worker_command(module, args, num_processes, num_machines, mixed_precision,
+                                         accelerate_config)
     output = WorkerOutput(on_line, log_file)
-    code = run_process_group(cmd, worker_env(num_processes, cpu), output, hold_fds)
+    code = run_process_group(cmd, {**worker_env(num_processes, cpu), **accelerate_env}, output, hold_fds)
     if code == 0:
         return
     cause = output.last_error
