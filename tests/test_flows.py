@@ -312,8 +312,8 @@ def test_training_retry_resumes_from_the_last_checkpoint(client: Any, tiny_confi
 
 def test_flow_timeout_kills_the_whole_training_process_tree(client: Any, tiny_config: Path,
                                                             in_background: Any) -> None:
-    """When the flow run's timeout fires mid-training, the launcher and every rank are gone by
-    the time the flow run has finished (TimedOut)."""
+    """When the flow run's timeout fires mid-training, every training process is gone by the
+    time the flow run has finished (TimedOut)."""
     from prefect._internal.concurrency.cancellation import AlarmCancelScope
 
     me = str(os.getpid())
@@ -336,7 +336,7 @@ def test_flow_timeout_kills_the_whole_training_process_tree(client: Any, tiny_co
     timed = training_pipeline.with_options(timeout_seconds=3600)
     state = timed(str(tiny_config), ["train.steps=1000000", "train.log_every=5"], return_state=True)
     assert state.name == "TimedOut", (state.name, state.message)
-    assert len(seen) >= 2 and ranks, "the launcher and its rank were running"
+    assert ranks, "the rank was running"  # one local process: no launcher between the flow and it
     assert alive(seen) == [], f"survived the timeout: {[p.pid for p in alive(seen)]}"
     assert training_processes(GANPIPE_LAUNCHER_PID=me) == []
 

@@ -112,7 +112,7 @@ def wait_for_training(client: Any, flow_run_id: UUID) -> list[Any]:
     wait_for(lambda: any(m.startswith("step ") for m in log_messages(client, flow_run_id)), timeout=600,
              what="training to log its steps", every=1.0)
     procs = training_processes(GANPIPE_FLOW_RUN_ID=str(flow_run_id))
-    assert any(is_rank(p) for p in procs) and len(procs) >= 2, "the launcher and a rank"
+    assert any(is_rank(p) for p in procs), "a rank"  # one local process has no launcher between
     return procs
 
 
