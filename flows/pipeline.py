@@ -137,6 +137,8 @@ def check_evaluation(cfg: Config) -> None:
     primary = cfg.registry.primary_metric
     if primary not in e.metrics:
         raise UserError(f"register.primary_metric: {primary!r} is not among eval.metrics ({', '.join(e.metrics)})")
+    if primary == "lpips" and not e.lpips_weights:  # lpips would come back unavailable: nothing to promote by
+        raise UserError("register.primary_metric: lpips needs eval.lpips_weights (README, Super-resolution)")
 
 
 def require_primary_metric(cfg: Config, metrics: dict[str, Any]) -> None:

@@ -195,9 +195,11 @@ def test_bad_input_fails_the_named_stage_and_is_not_retried(client: Any, tiny_co
     assert any(m.startswith("stage ingest failed: data.source") for m in logs), logs
 
     # Evaluation settings that cannot work fail before any stage runs.
-    for override, error in (("register.primary_metric=kid", "register.primary_metric: 'kid' is not among eval.metrics"),
-                            ("eval.metrics=[fd_domain,fdd]", "fdd")):
-        state = training_pipeline(str(tiny_config), [override], return_state=True)
+    for overrides, error in ((["register.primary_metric=kid"], "register.primary_metric: 'kid' is not among eval.metrics"),
+                             (["eval.metrics=[fd_domain,fdd]"], "fdd"),
+                             (["eval.metrics=[fd_domain,lpips]", "register.primary_metric=lpips"],
+                              "register.primary_metric: lpips needs eval.lpips_weights")):
+        state = training_pipeline(str(tiny_config), overrides, return_state=True)
         assert state.is_failed() and error in state.message, state.message
         assert task_runs(client, state.state_details.flow_run_id) == {}
 
