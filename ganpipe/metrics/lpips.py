@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ganpipe.feature_networks import checked_state, read_state, vgg_features
+from ganpipe.metrics.sr import ImageTooSmall
 from ganpipe.networks import images_to_network_space
 
 Tensor = torch.Tensor
@@ -145,10 +146,10 @@ class LPIPSMeasure:
 
     def __call__(self, a: np.ndarray, b: np.ndarray, border: int = 0, y_channel: bool = False) -> float:
         """`y_channel` does not apply (LPIPS is defined on RGB); taken to share psnr's signature.
-        An image too small for the backbone is a ValueError (as for ssim), saying the least size."""
+        An image too small for the backbone is ImageTooSmall (as for ssim), saying the least size."""
         least, (height, width) = MIN_SIZE[self.model.backbone], a.shape[:2]
         if min(height, width) - 2 * border < least:
-            raise ValueError(f"LPIPS with the {self.model.backbone} backbone needs images of at least {least}x{least} "
+            raise ImageTooSmall(f"LPIPS with the {self.model.backbone} backbone needs images of at least {least}x{least} "
                              f"px after the {border} px border crop, got {width}x{height}")
         pair = np.stack([a, b])[:, border:a.shape[0] - border, border:a.shape[1] - border]
         x = images_to_network_space(torch.from_numpy(np.ascontiguousarray(pair))).to(self.device)

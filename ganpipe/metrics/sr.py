@@ -22,7 +22,6 @@ import torch
 
 from ganpipe.data.pairs import bicubic_upscale, centre_pair, evaluation_pair
 from ganpipe.data.prepared import PreparedData
-from ganpipe.metrics.lpips import LPIPSMeasure
 from ganpipe.networks import NetworkSpec, from_network_space, images_to_network_space
 
 Y_WEIGHTS = np.array([65.481, 128.553, 24.966]) / 255.0
@@ -54,11 +53,21 @@ def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.apply_along_axis(lambda c: np.convolve(c, g[::-1], mode="valid"), 0, rows)
 
 
+# A measure of two uint8 H x W x C images: (output, reference, border, y_channel) -> value.
+Measure = Callable[[np.ndarray, np.ndarray, int, bool], float]
+
+
+class ImageTooSmall(ValueError):
+    """The image has too few pixels for this measure (SSIM's window, LPIPS's backbone): the
+    measure is unavailable for the run, the other measures are not. A distinct type, so that a
+    ValueError from a real fault still stops the evaluation."""
+
+
 def ssim(a: np.ndarray, b: np.ndarray, border: int = 0, y_channel: bool = False) -> float:
     """Structural similarity of two uint8 images (1 when equal), averaged over channels."""
     x, y = prepare(a, border, y_channel), prepare(b, border, y_channel)
     if min(x.shape[:2]) < 11:
-        raise ValueError(f"SSIM needs at least 11x11 pixels after the border crop, got {x.shape[1]}x{x.shape[0]}")
+        raise ImageTooSmall(f"SSIM needs at least 11x11 pixels after the border crop, got {x.shape[1]}x{x.shape[0]}")
     c1, c2, g = (0.01 * 255) ** 2, (0.03 * 255) ** 2, gaussian_window()
     values = []
     for ch in range(x.shape[2]):
@@ -89,13 +98,13 @@ def super_resolve(generator: torch.nn.Module, spec: NetworkSpec, lr: np.ndarray,
 
 def evaluate_super_resolution(generator: torch.nn.Module, spec: NetworkSpec, data: PreparedData,
                               indices: np.ndarray, degradation: str, names: list[str], y_channel: bool = True,
-                              device: torch.device | str = "cpu", lpips: LPIPSMeasure | None = None
+                              device: torch.device | str = "cpu", lpips: Measure | None = None
                               ) -> dict[str, dict[str, Any]]:
     """`names` (psnr, ssim; lpips when `lpips` is given) of the generator on the held-out images
     at `indices`, each with `bicubic` (the same metric for PIL's bicubic upscale of the same
     inputs) beside it. A metric that cannot measure an image (too small for it) is reported
     with `value` None and the `error`; the others still are."""
-    measures: dict[str, Callable[..., float]] = {"psnr": psnr, "ssim": ssim}
+    measures: dict[str, Measure] = {"psnr": psnr, "ssim": ssim}
     if lpips is not None:
         measures["lpips"] = lpips
     per_image: dict[str, list[float]] = {f"{n}{side}": [] for n in names for side in ("", "_bicubic")}
@@ -107,7 +116,7 @@ def evaluate_super_resolution(generator: torch.nn.Module, spec: NetworkSpec, dat
             try:
                 for side, output in outputs.items():
                     per_image[f"{name}{side}"].append(measures[name](output, hr, spec.scale, y_channel))
-            except ValueError as exc:
+            except ImageTooSmall as exc:
                 errors[name] = f"held-out image {int(index)}: {exc}"
     results: dict[str, dict[str, Any]] = {}
     for name in names:
