@@ -228,10 +228,11 @@ def set_prefect_defaults() -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    _load(args)  # bad input is exit 2 before Prefect starts
+    cfg = _load(args)  # bad input, evaluation settings included, is exit 2 before Prefect starts
     set_prefect_defaults()
-    from flows.pipeline import training_pipeline
+    from flows.pipeline import check_evaluation, training_pipeline
 
+    check_evaluation(cfg)  # the flow checks again: deployments start it without this command
     summary = training_pipeline(config_path=str(args.config), overrides=list(args.overrides))
     _emit(args, summary, pipeline_summary_lines(summary))
 

@@ -60,3 +60,16 @@ print("ok")
     check = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                            env={**os.environ, "PYTHONPATH": ""}, timeout=300)
     assert check.returncode == 0 and check.stdout.strip().endswith("ok"), check.stderr[-3000:]
+
+
+def test_bad_evaluation_settings_are_one_error_line_before_prefect_starts(tmp_path: Path, ganpipe_home: Path) -> None:
+    config = write_config(tmp_path / "tiny.yaml", TINY_DIGITS)
+    for overrides, expected in ((["eval.metrics=[fd_domain,lpips]", "register.primary_metric=lpips"],
+                                 "error: register.primary_metric: lpips needs eval.lpips_weights"),
+                                (["register.primary_metric=kid"], "error: register.primary_metric: 'kid' is not among")):
+        result = run_cli("pipeline", str(config), *[a for o in overrides for a in ("--set", o)])
+        assert result.returncode == 2
+        assert result.stderr.strip().startswith(expected) and len(result.stderr.strip().splitlines()) == 1, \
+            result.stderr[-2000:]
+        assert "Starting temporary server" not in result.stderr
+    assert not (ganpipe_home / "runs").exists()  # nothing was prepared or trained
