@@ -55,6 +55,7 @@ def check_name(value: str) -> str:
 
 Name = Annotated[str, AfterValidator(check_name)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 def batch_split_problem(batch_size: int, processes: int, grad_accum: int, pack: int) -> str | None:
@@ -235,6 +236,12 @@ class TrainConfig(_Section):
                                            "over anneal_steps (half cosine); null: constant")
     anneal_steps: int | None = Field(None, ge=1, description="steps over which gamma_decay, beta2_final and "
                                      "ada_target_final move (then hold); null: train.steps")
+    condition_ramp: tuple[Fraction, Fraction] | None = Field(
+        None, description="conditional models: the labels' strength in G and D (0: an unconditional GAN, 1: "
+                          "fully conditional) is 0 until the first fraction of train.steps, then rises linearly "
+                          "to 1 at the second. On little data a class-conditional GAN collapses within each "
+                          "class (Shahbazi et al. 2022); learning the classes' shared structure first avoids "
+                          "it. null: full strength from the start")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     pretrain_steps: int = Field(0, ge=0, description="srgan: generator updates on the content loss alone (the "
                                 "PSNR model) before any adversarial step")
@@ -285,6 +292,14 @@ class TrainConfig(_Section):
         if self.anneal_steps is not None and self.anneal_steps > self.steps:
             raise ValueError(f"train.anneal_steps {self.anneal_steps} does not fit train.steps {self.steps}: "
                              "the schedules would never reach their final values")
+        return self
+
+    @model_validator(mode="after")
+    def _ramp_goes_up(self) -> TrainConfig:
+        if self.condition_ramp is not None and self.condition_ramp[0] >= self.condition_ramp[1]:
+            start, end = self.condition_ramp
+            raise ValueError(f"train.condition_ramp [{start}, {end}]: the start must come before the end "
+                             "(fractions of train.steps)")
         return self
 
     @model_validator(mode="after")

@@ -32,6 +32,12 @@ def network_spec(cfg: Config, data: PreparedData) -> NetworkSpec:
         check_super_resolution(cfg, data)
     if m.pack > 1 and m.conditional:
         raise UserError("model.pack: packing is for unconditional models")
+    if cfg.train.condition_ramp is not None and not m.conditional:
+        raise UserError("train.condition_ramp: ramps the labels' strength of a conditional model "
+                        "(set model.conditional: true, or the ramp to null)")
+    if cfg.train.condition_ramp is not None and m.family == "r3gan":
+        raise UserError("train.condition_ramp: r3gan's discriminator has no unconditional output (its logit is "
+                        "the label projection alone); use model.family dcgan, resnet or mlp, or the ramp null")
     if m.attention_resolution and m.family in ("mlp", "dcgan"):
         raise UserError(f"model.attention_resolution: only the resnet family has attention (model.family: {m.family})")
     if m.family == "dcgan":

@@ -13,6 +13,8 @@ for them (the optimisers' saved learning rates and betas are overwritten before 
   (R3GAN: 0.9 -> 0.99, a short gradient memory early when the networks change fast, a long one late).
 - The ADA target (`train.ada_target`, `train.ada_target_final`): the value the augmentation
   probability steers the discriminator's overfitting signal towards; the augmentation owns ADA.
+- The labels' strength (`train.condition_ramp`): 0 (unconditional) until the ramp's start, then
+  linearly to 1 (fully conditional) at its end; the networks multiply their label inputs by it.
 
 Annealed values (gamma, beta2, ADA target) follow a half cosine (R3GAN's choice, except gamma,
 whose curve is `train.gamma_decay`) and hold their final value after `train.anneal_steps`.
@@ -46,7 +48,7 @@ def follows_steps(t: TrainConfig) -> bool:
     """Whether some value's curve depends on `train.steps` (raising the steps then changes the
     trajectory, so a longer run is a different run)."""
     annealed = t.gamma_decay != "none" or t.beta2_final is not None or t.ada_target_final is not None
-    return t.lr_decay != "none" or (annealed and t.anneal_steps is None)
+    return t.lr_decay != "none" or t.condition_ramp is not None or (annealed and t.anneal_steps is None)
 
 
 def lr_factor(t: TrainConfig, step: int) -> float:
@@ -97,3 +99,12 @@ def penalty_weight(t: TrainConfig, base: float, step: int, d_update: int) -> flo
     if not regularise_now(t, d_update):
         return 0.0
     return 0.5 * gamma(t, base, step) * t.reg_every
+
+
+def condition_strength(t: TrainConfig, step: int) -> float:
+    """How strongly the labels enter G and D at `step` (`train.condition_ramp`): 0 before the ramp's
+    start, linear to 1 at its end, 1 after it and without a ramp."""
+    if t.condition_ramp is None:
+        return 1.0
+    start, end = (fraction * t.steps for fraction in t.condition_ramp)
+    return ramp(0.0, 1.0, (step - start) / max(end - start, 1e-9), "linear")

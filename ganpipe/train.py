@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ganpipe import checkpoint, runs, storage
+from ganpipe import checkpoint, runs, schedules, storage
 from ganpipe.config import Config
 from ganpipe.errors import Diverged
 from ganpipe.generators import LoadedGenerator, label_weights
@@ -41,6 +41,10 @@ def checkpoint_score(trainer: Trainer) -> float | None:
     run that scores nothing (the feature network's first training seeds the global RNG)."""
     t = trainer.cfg.train
     if t.best_metric == "none" or not trainer.accelerator.is_main_process:
+        return None
+    if schedules.condition_strength(t, trainer.step - 1) < 1:
+        # The last update was inside train.condition_ramp: the EMA runs below full strength, which
+        # these weights, loaded, never do. A score would describe another generator.
         return None
     loaded = LoadedGenerator(trainer.nets.ema, trainer.spec, {})
     fake = GeneratedSamples(loaded, t.best_num_samples, trainer.cfg.seed + 1,

@@ -26,7 +26,7 @@ from ganpipe.d_augment import DiscriminatorAugment
 from ganpipe.data import open_prepared
 from ganpipe.errors import Diverged, UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty, r2_penalty
-from ganpipe.networks import build_discriminator, build_generator
+from ganpipe.networks import build_discriminator, build_generator, set_condition_strength
 from ganpipe.recipe import BatchSampler, network_spec
 
 
@@ -317,6 +317,10 @@ class Trainer:
         for key, base in (("r1_gamma", t.r1_gamma), ("r2_gamma", t.r2_gamma)):
             if base:
                 self.scheduled[key] = schedules.gamma(t, base, self.step)
+        if t.condition_ramp is not None:
+            strength = self.scheduled["condition_strength"] = schedules.condition_strength(t, self.step)
+            for network in (self.nets.g_raw, self.nets.d_raw, self.nets.ema):
+                set_condition_strength(network, strength)
 
     def iteration(self) -> dict[str, torch.Tensor]:
         """One training step: k D updates then one G update, or one update of the side the

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import batch_norm, label_embedding_dim, normalise, pack, spectral_norm_if
+from .layers import add_condition_strength, batch_norm, label_embedding_dim, normalise, pack, spectral_norm_if
 from .spec import NetworkSpec
 
 
@@ -57,6 +57,7 @@ class DCGANGenerator(nn.Module):
         if spec.conditional and spec.g_conditioning == "embedding":
             self.embed = nn.Embedding(spec.num_classes, label_embedding_dim(spec.num_classes))
             z_dim += self.embed.embedding_dim
+            add_condition_strength(self)
         width = spec.g_width * 2 ** (depth - 1)
         blocks = [UpBlock(z_dim, width, cbn_classes, first=True)]
         for _ in range(depth - 1):
@@ -68,7 +69,7 @@ class DCGANGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
-            z = torch.cat([z, self.embed(labels)], dim=1)
+            z = torch.cat([z, self.embed(labels) * self.condition_strength], dim=1)
         x = z[:, :, None, None]
         for block in self.blocks:
             x = block(x, labels)
@@ -99,15 +100,17 @@ class DCGANDiscriminator(nn.Module):
         self.to_logit = sn(nn.Conv2d(width, 1, 4, 1, 0))
         self.project = sn(nn.Embedding(spec.num_classes, width)) \
             if spec.conditional and spec.d_conditioning == "projection" else None
+        if spec.conditional:
+            add_condition_strength(self)
         dcgan_init(self)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = pack(x, self.spec.pack)
         if self.concat_labels:
-            maps = nn.functional.one_hot(labels, self.spec.num_classes).to(x.dtype)
+            maps = nn.functional.one_hot(labels, self.spec.num_classes).to(x.dtype) * self.condition_strength
             x = torch.cat([x, maps[:, :, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
         h = self.features(x)
         logit = self.to_logit(h).flatten()
         if self.project is not None:
-            logit = logit + (self.project(labels) * h.sum(dim=(2, 3))).sum(dim=1)
+            logit = logit + (self.project(labels) * h.sum(dim=(2, 3))).sum(dim=1) * self.condition_strength
         return logit

@@ -10,9 +10,30 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+STRENGTH = "condition_strength"
+
+
+def add_condition_strength(module: nn.Module) -> None:
+    """Give a module that takes labels the scalar it multiplies their effect by (1: fully
+    conditional, 0: the labels do nothing), which training moves along `train.condition_ramp`.
+    A buffer rather than a float: it follows .to() and the EMA copy, and torch.compile does not
+    recompile as it changes. Not persistent: checkpoints and exported weights are unchanged, and
+    a loaded network runs at full strength."""
+    module.register_buffer(STRENGTH, torch.ones(()), persistent=False)
+
+
+def set_condition_strength(network: nn.Module, value: float) -> None:
+    """Set the label strength of every module of `network` that has one."""
+    for module in network.modules():
+        strength = dict(module.named_buffers(recurse=False)).get(STRENGTH)
+        if strength is not None:
+            strength.fill_(value)
+
 
 class ConditionalBatchNorm2d(nn.Module):
-    """Batch norm whose scale and shift are looked up per class (conditional BN, as in BigGAN)."""
+    """Batch norm whose scale and shift are looked up per class (conditional BN, as in BigGAN).
+    At label strength s the scale is s * gain + (1 - s) and the shift s * bias: plain batch norm
+    at 0, exactly the per-class values at 1."""
 
     def __init__(self, channels: int, num_classes: int):
         super().__init__()
@@ -21,9 +42,12 @@ class ConditionalBatchNorm2d(nn.Module):
         self.bias = nn.Embedding(num_classes, channels)
         nn.init.ones_(self.gain.weight)
         nn.init.zeros_(self.bias.weight)
+        add_condition_strength(self)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.norm(x) * self.gain(labels)[:, :, None, None] + self.bias(labels)[:, :, None, None]
+        s = self.condition_strength
+        gain, bias = self.gain(labels) * s + (1 - s), self.bias(labels) * s
+        return self.norm(x) * gain[:, :, None, None] + bias[:, :, None, None]
 
 
 def batch_norm(channels: int, num_classes: int) -> nn.Module:

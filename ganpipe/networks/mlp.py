@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import label_embedding_dim, pack, spectral_norm_if
+from .layers import add_condition_strength, label_embedding_dim, pack, spectral_norm_if
 from .spec import NetworkSpec
 
 
@@ -19,6 +19,8 @@ class MLPGenerator(nn.Module):
         self.spec = spec
         self.embed = nn.Embedding(spec.num_classes, label_embedding_dim(spec.num_classes)) \
             if spec.conditional else None
+        if spec.conditional:
+            add_condition_strength(self)
         width = spec.g_width
         layers: list[nn.Module] = []
         c_in = spec.latent_dim + (self.embed.embedding_dim if self.embed else 0)
@@ -30,7 +32,7 @@ class MLPGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
-            z = torch.cat([z, self.embed(labels)], dim=1)
+            z = torch.cat([z, self.embed(labels) * self.condition_strength], dim=1)
         out = self.net(z)
         if self.spec.is_image:
             return torch.tanh(out).view(-1, *self.spec.sample_shape)
@@ -54,13 +56,16 @@ class MLPDiscriminator(nn.Module):
         self.to_logit = sn(nn.Linear(c_in, 1))
         self.project = sn(nn.Embedding(spec.num_classes, c_in)) \
             if spec.conditional and spec.d_conditioning == "projection" else None
+        if spec.conditional:
+            add_condition_strength(self)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = pack(x, self.spec.pack).flatten(1)
         if self.concat_labels:
-            x = torch.cat([x, nn.functional.one_hot(labels, self.spec.num_classes).to(x.dtype)], dim=1)
+            maps = nn.functional.one_hot(labels, self.spec.num_classes).to(x.dtype) * self.condition_strength
+            x = torch.cat([x, maps], dim=1)
         h = self.features(x)
         logit = self.to_logit(h).flatten()
         if self.project is not None:
-            logit = logit + (self.project(labels) * h).sum(dim=1)
+            logit = logit + (self.project(labels) * h).sum(dim=1) * self.condition_strength
         return logit

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import batch_norm, channel_width, normalise, pack, pyramid, spectral_norm_if
+from .layers import (
+    add_condition_strength,
+    batch_norm,
+    channel_width,
+    normalise,
+    pack,
+    pyramid,
+    spectral_norm_if,
+)
 from .spec import NetworkSpec
 
 RESOLUTIONS = (32, 256)
@@ -173,6 +181,7 @@ class ResNetDiscriminator(nn.Module):
             self.project = nn.Embedding(spec.num_classes, widths[-1])
             nn.init.xavier_uniform_(self.project.weight)
             self.project = spectral(self.project)
+            add_condition_strength(self)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = pack(x, self.spec.pack)
@@ -183,5 +192,5 @@ class ResNetDiscriminator(nn.Module):
         features = F.relu(h).sum(dim=(2, 3))
         logit = self.to_logit(features).flatten()
         if self.project is not None:
-            logit = logit + (self.project(labels) * features).sum(dim=1)
+            logit = logit + (self.project(labels) * features).sum(dim=1) * self.condition_strength
         return logit
