@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -56,6 +56,8 @@ def check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(check_name)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+AdaTransform = Literal["xflip", "rotate90", "translate", "scale", "aniso", "brightness", "contrast", "saturation",
+                       "cutout"]
 
 
 def batch_split_problem(batch_size: int, processes: int, grad_accum: int, pack: int) -> str | None:
@@ -223,6 +225,11 @@ class TrainConfig(_Section):
     ada_target: float = Field(0.6, ge=0, lt=1, description="ada: the target of r_t = E[sign(D(real))]; above it "
                               "(D overfits) p rises, below it p falls")
     ada_interval: int = Field(4, ge=1, description="ada: adjust p every this many discriminator updates")
+    ada_transforms: list[AdaTransform] = Field(
+        default_factory=lambda: list(get_args(AdaTransform)), min_length=1,
+        description="ada: the transforms p applies (default: all). Leave out those that change what an image "
+                    "shows in your data, e.g. xflip and rotate90 for digits or text: D would spend its capacity "
+                    "on them")
     ada_kimg: float = Field(100.0, gt=0, description="ada: thousands of real images over which p can move by 1; "
                             "smaller reacts faster (a few hundred images or short runs: 1-10)")
     r2_gamma: float = Field(0.0, ge=0, description="R2 penalty weight: R1's penalty on generated samples (0: off)")
@@ -292,6 +299,15 @@ class TrainConfig(_Section):
         if self.anneal_steps is not None and self.anneal_steps > self.steps:
             raise ValueError(f"train.anneal_steps {self.anneal_steps} does not fit train.steps {self.steps}: "
                              "the schedules would never reach their final values")
+        return self
+
+    @model_validator(mode="after")
+    def _ada_transforms_for_ada(self) -> TrainConfig:
+        if len(set(self.ada_transforms)) < len(self.ada_transforms):
+            raise ValueError(f"train.ada_transforms {self.ada_transforms}: a transform is listed twice")
+        if "ada_transforms" in self.model_fields_set and self.augment != "ada":
+            raise ValueError(f"train.ada_transforms: chooses ADA's transforms; train.augment is {self.augment} "
+                             "(set ada, or remove the key)")
         return self
 
     @model_validator(mode="after")

@@ -12,8 +12,9 @@ something else: it mixes real and synthetic datasets.)
 - `ada`: adaptive discriminator augmentation (Karras et al. 2020). Each transform is applied to
   each sample with probability p, drawn independently: x-flip, 90-degree rotations, integer
   translation (up to 1/8, reflection padding), isotropic and anisotropic scaling (bilinear,
-  reflection padding), brightness, contrast, saturation (RGB), cutout. With p < 1 these do not
-  leak. Every `train.ada_interval` D updates, p moves by sign(r_t - target) * batch * interval /
+  reflection padding), brightness, contrast, saturation (RGB), cutout, or the subset
+  `train.ada_transforms` names (the others are drawn but never applied, so the stream is the
+  same). With p < 1 these do not leak. Every `train.ada_interval` D updates, p moves by sign(r_t - target) * batch * interval /
   (ada_kimg * 1000), where r_t = E[sign(D(real))] over those updates on every rank: a D that is
   confident on real data (overfitting) gets more augmentation, one that is not gets less.
   As in ADA, an applied x-flip or rotation draws its parameter (flip or not; 0-3 quarter turns).
@@ -33,10 +34,12 @@ the sign statistics back once every `ada_interval` D updates (its one synchronis
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, get_args
 
 import torch
+
+from ganpipe.config import AdaTransform
 
 Tensor = torch.Tensor
 POLICIES = ("none", "diffaug", "ada")
@@ -45,8 +48,7 @@ CUTOUT = 0.5  # cutout square's side, as a fraction of the image (both policies)
 P_MAX = 0.999  # p stays below 1: at p = 1 every sample is transformed and augmentations can leak
 # ADA's parameter spreads (log2 scale for multiplicative ones), those of the paper's `bgc` pipeline.
 SCALE_STD, ANISO_STD, BRIGHTNESS_STD, CONTRAST_STD, SATURATION_STD = 0.2, 0.2, 0.2, 0.5, 1.0
-ADA_TRANSFORMS = ("xflip", "rotate90", "translate", "scale", "aniso", "brightness", "contrast",
-                  "saturation", "cutout")
+ADA_TRANSFORMS: tuple[str, ...] = get_args(AdaTransform)  # the config's list, in the order they are drawn
 
 
 def augment_seed(seed: int, rank: int) -> int:
@@ -61,10 +63,13 @@ class DiscriminatorAugment:
     batches and call `after_d_update` after each D update so ADA can adjust p."""
 
     def __init__(self, policy: str, seed: int, rank: int = 0, *, batch_size: int = 64, interval: int = 4,
-                 kimg: float = 100.0, device: torch.device | str = "cpu"):
+                 kimg: float = 100.0, transforms: tuple[str, ...] = ADA_TRANSFORMS, device: torch.device | str = "cpu"):
         if policy not in POLICIES:
             raise ValueError(f"unknown augmentation policy {policy!r} (known: {', '.join(POLICIES)})")
-        self.policy, self.seed, self.rank = policy, seed, rank
+        unknown = set(transforms) - set(ADA_TRANSFORMS)
+        if unknown:
+            raise ValueError(f"unknown ADA transform(s) {sorted(unknown)} (known: {', '.join(ADA_TRANSFORMS)})")
+        self.policy, self.seed, self.rank, self.transforms = policy, seed, rank, frozenset(transforms)
         self.interval = interval
         self.p_step = batch_size * interval / (kimg * 1000.0)  # ADA's speed: p can go 0 -> 1 in kimg*1000 images
         self.p = 0.0
@@ -81,7 +86,7 @@ class DiscriminatorAugment:
             return x
         if self.policy == "diffaug":
             return diffaugment(x, self.generator)
-        return ada_augment(x, ada_params(x.shape[0], self.p, self.generator))
+        return ada_augment(x, ada_params(x.shape[0], self.p, self.generator, self.transforms))
 
     def observe(self, real_logits: Tensor) -> None:
         """Accumulate sign(D(real)) for ADA's overfitting heuristic (no host sync)."""
@@ -152,21 +157,27 @@ def diffaugment(x: Tensor, generator: torch.Generator) -> Tensor:
 
 
 # --- ADA -----------------------------------------------------------------------------------------
-def ada_params(batch: int, p: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """Per-sample parameters of every ADA transform (CPU tensors of length `batch`): each is
-    applied with probability p (`applied_<name>`), else it holds its identity value. The same
-    number of draws whatever p is, so the stream's position depends on the batches alone."""
+def ada_params(batch: int, p: float, generator: torch.Generator,
+               transforms: Collection[str] = ADA_TRANSFORMS) -> dict[str, Tensor]:
+    """Per-sample parameters of every ADA transform (CPU tensors of length `batch`): each of
+    `transforms` is applied with probability p (`applied_<name>`), else it holds its identity
+    value; the others never are. The same draws whatever p and `transforms` are, so the stream's
+    position depends on the batches alone (and the default set's draws are those of before)."""
     params: dict[str, Tensor] = {}
 
+    def applied_mask(name: str) -> Tensor:
+        mask = torch.rand(batch, generator=generator) < p
+        return mask if name in transforms else torch.zeros_like(mask)
+
     def draw(name: str, values: Tensor, identity: float) -> Tensor:
-        applied = torch.rand(batch, generator=generator) < p
+        applied = applied_mask(name)
         params[f"applied_{name}"] = applied
         return torch.where(applied, values, torch.full_like(values, identity))
 
     params["xflip"] = draw("xflip", torch.randint(0, 2, (batch,), generator=generator).float(), 0.0)
     params["rotate90"] = draw("rotate90", torch.randint(0, 4, (batch,), generator=generator).float(), 0.0)
     shift = (torch.rand(2, batch, generator=generator) * 2 - 1) * TRANSLATE  # fraction of the image
-    applied = torch.rand(batch, generator=generator) < p
+    applied = applied_mask("translate")
     params["applied_translate"] = applied
     params["translate_y"], params["translate_x"] = (torch.where(applied, s, torch.zeros_like(s)) for s in shift)
     params["scale"] = draw("scale", torch.exp2(torch.randn(batch, generator=generator) * SCALE_STD), 1.0)

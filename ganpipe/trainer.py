@@ -72,7 +72,8 @@ class Trainer:
         self.sampler = self.new_sampler()
         self.noise = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + acc.process_index)
         self.augment = DiscriminatorAugment(t.augment, cfg.seed, acc.process_index, batch_size=t.batch_size,
-                                            interval=t.ada_interval, kimg=t.ada_kimg, device=self.device)
+                                            interval=t.ada_interval, kimg=t.ada_kimg,
+                                            transforms=tuple(t.ada_transforms), device=self.device)
         self.step, self.d_updates, self.g_updates, self.phase, self.phase_updates = 0, 0, 0, "d", 0
         self.resumed_from = self._resume(g_raw, d_raw, ema, opt_g, opt_d)
         # After the resume: the data path starts from the sampler's restored position.

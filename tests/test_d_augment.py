@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ganpipe import checkpoint
+from ganpipe.config_files import load_config
 from ganpipe.d_augment import ADA_TRANSFORMS, P_MAX, DiscriminatorAugment, ada_augment, ada_params
+from ganpipe.errors import UserError
 from tests.conftest import TINY_DIGITS, error_lines, last_json, run_cli, write_config
 from tests.test_training import run_tensors, straight_then_crashed
 
@@ -93,6 +95,44 @@ def test_each_transform_applies_with_probability_p_per_sample() -> None:
     untouched = ~torch.stack(list(masks.values())).any(0)
     assert untouched.sum() > 50 and torch.equal(out[untouched], x[untouched])
     assert torch.equal((out == 0).flatten(1).any(1), masks["cutout"])
+
+
+def test_chosen_transforms_alone_apply_on_the_same_stream() -> None:
+    """train.ada_transforms: the left-out transforms never apply; the kept ones apply to exactly
+    the samples (and with the parameters) the full set would, since the draws are the same."""
+    n, p, kept = 256, 0.5, ("translate", "scale", "brightness", "cutout")
+    full = ada_params(n, p, torch.Generator().manual_seed(0))
+    chosen = ada_params(n, p, torch.Generator().manual_seed(0), kept)
+    for name in ADA_TRANSFORMS:
+        if name in kept:
+            assert torch.equal(chosen[f"applied_{name}"], full[f"applied_{name}"]) and full[f"applied_{name}"].any()
+        else:
+            assert not chosen[f"applied_{name}"].any(), name
+    assert torch.equal(chosen["xflip"], torch.zeros(n)) and torch.equal(chosen["rotate90"], torch.zeros(n))
+    assert torch.equal(chosen["scale"], full["scale"]) and torch.equal(chosen["translate_x"], full["translate_x"])
+    x = images(n, channels=1)
+    without_geometry = augmenter("ada", p=0.9, transforms=("brightness", "contrast"))
+    out = without_geometry(x)  # only a per-sample affine map of the values: no pixel moves
+    flat_in, flat_out = x.flatten(1), out.flatten(1)
+    slope = (flat_out[:, 1] - flat_out[:, 0]) / (flat_in[:, 1] - flat_in[:, 0])
+    assert torch.allclose(flat_out, flat_in * slope[:, None] + (flat_out[:, :1] - flat_in[:, :1] * slope[:, None]),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="unknown ADA transform"):
+        DiscriminatorAugment("ada", 0, transforms=("shear",))
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.ada_transforms=[translate, translate]", "a transform is listed twice"),
+    ("train.ada_transforms=[shear]", "key 'train.ada_transforms"),
+    ("train.ada_transforms=[]", "key 'train.ada_transforms'"),
+])
+def test_bad_ada_transforms_name_the_key(tmp_path: Path, override: str, expected: str) -> None:
+    path = write_config(tmp_path / "c.yaml", TINY_DIGITS)
+    with pytest.raises(UserError) as info:
+        load_config(path, ["train.augment=ada", override])
+    assert expected in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(UserError, match="train.ada_transforms: chooses ADA's transforms; train.augment is diffaug"):
+        load_config(path, ["train.augment=diffaug", "train.ada_transforms=[translate]"])
 
 
 def test_p_rises_when_d_is_confident_on_reals_and_falls_when_not() -> None:
