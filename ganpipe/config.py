@@ -305,7 +305,8 @@ class TrainConfig(_Section):
     def _ada_transforms_for_ada(self) -> TrainConfig:
         if len(set(self.ada_transforms)) < len(self.ada_transforms):
             raise ValueError(f"train.ada_transforms {self.ada_transforms}: a transform is listed twice")
-        if "ada_transforms" in self.model_fields_set and self.augment != "ada":
+        # Not "the key is set": a saved run's config lists every key, defaults included.
+        if self.augment != "ada" and tuple(self.ada_transforms) != get_args(AdaTransform):
             raise ValueError(f"train.ada_transforms: chooses ADA's transforms; train.augment is {self.augment} "
                              "(set ada, or remove the key)")
         return self

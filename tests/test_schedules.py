@@ -80,12 +80,13 @@ def test_schedules_depend_on_the_step_alone() -> None:
     """Resume: a run restarted at step k, from its saved config, gets exactly the values an
     uninterrupted run gets at k, whatever was evaluated before."""
     t = train(gamma_decay="cosine", beta2_final=0.99, betas=(0.0, 0.9), ada_target_final=0.3,
-              lr_decay="linear", anneal_steps=60)
+              lr_decay="linear", anneal_steps=60, condition_ramp=(0.1, 0.7))
     reloaded = load_config_from_train(t)
 
     def values(cfg: TrainConfig, step: int) -> tuple:
         return (schedules.learning_rates(cfg, step), schedules.gamma(cfg, 0.7, step), schedules.beta2(cfg, step),
-                schedules.ada_target(cfg, step), schedules.penalty_weight(cfg, 0.7, step, step))
+                schedules.ada_target(cfg, step), schedules.penalty_weight(cfg, 0.7, step, step),
+                schedules.condition_strength(cfg, step))
 
     in_order = [values(t, s) for s in range(100)]
     shuffled = list(range(100))
@@ -122,6 +123,7 @@ def test_steps_join_the_run_identity_when_a_schedule_follows_them(tmp_path: Path
     assert not same_run("train.beta2_final=0.99")
     assert not same_run("train.ada_target_final=0.3")
     assert not same_run("train.lr_decay=cosine")
+    assert not same_run("model.conditional=true", "train.condition_ramp=[0.2, 0.6]")
 
 
 def test_trainer_sets_the_scheduled_rates_and_betas(tmp_path: Path) -> None:
