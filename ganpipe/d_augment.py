@@ -14,9 +14,10 @@ something else: it mixes real and synthetic datasets.)
   translation (up to 1/8, reflection padding), isotropic and anisotropic scaling (bilinear,
   reflection padding), brightness, contrast, saturation (RGB), cutout, or the subset
   `train.ada_transforms` names (the others are drawn but never applied, so the stream is the
-  same). With p < 1 these do not leak. Every `train.ada_interval` D updates, p moves by sign(r_t - target) * batch * interval /
-  (ada_kimg * 1000), where r_t = E[sign(D(real))] over those updates on every rank: a D that is
-  confident on real data (overfitting) gets more augmentation, one that is not gets less.
+  same). With p < 1 these do not leak. Every `train.ada_interval` D updates, p moves by
+  sign(r_t - target) * batch * interval / (ada_kimg * 1000), where r_t = E[sign(D(real))] over
+  those updates on every rank: a D that is confident on real data (overfitting) gets more
+  augmentation, one that is not gets less.
   As in ADA, an applied x-flip or rotation draws its parameter (flip or not; 0-3 quarter turns).
 
 The penalties see what D sees: R1 is taken on augmented reals w.r.t. the un-augmented ones
@@ -63,7 +64,8 @@ class DiscriminatorAugment:
     batches and call `after_d_update` after each D update so ADA can adjust p."""
 
     def __init__(self, policy: str, seed: int, rank: int = 0, *, batch_size: int = 64, interval: int = 4,
-                 kimg: float = 100.0, transforms: tuple[str, ...] = ADA_TRANSFORMS, device: torch.device | str = "cpu"):
+                 kimg: float = 100.0, transforms: tuple[str, ...] = ADA_TRANSFORMS,
+                 device: torch.device | str = "cpu"):
         if policy not in POLICIES:
             raise ValueError(f"unknown augmentation policy {policy!r} (known: {', '.join(POLICIES)})")
         unknown = set(transforms) - set(ADA_TRANSFORMS)
