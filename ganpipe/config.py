@@ -226,10 +226,8 @@ class TrainConfig(_Section):
                               "(D overfits) p rises, below it p falls")
     ada_interval: int = Field(4, ge=1, description="ada: adjust p every this many discriminator updates")
     ada_transforms: list[AdaTransform] = Field(
-        default_factory=lambda: list(get_args(AdaTransform)), min_length=1,
-        description="ada: the transforms p applies (default: all). Leave out those that change what an image "
-                    "shows in your data, e.g. xflip and rotate90 for digits or text: D would spend its capacity "
-                    "on them")
+        default_factory=lambda: list(get_args(AdaTransform)), min_length=1, description="ada: the transforms p "
+        "applies (default: all); leave out those that change what an image shows (digits: xflip, rotate90)")
     ada_kimg: float = Field(100.0, gt=0, description="ada: thousands of real images over which p can move by 1; "
                             "smaller reacts faster (a few hundred images or short runs: 1-10)")
     r2_gamma: float = Field(0.0, ge=0, description="R2 penalty weight: R1's penalty on generated samples (0: off)")
@@ -244,11 +242,9 @@ class TrainConfig(_Section):
     anneal_steps: int | None = Field(None, ge=1, description="steps over which gamma_decay, beta2_final and "
                                      "ada_target_final move (then hold); null: train.steps")
     condition_ramp: tuple[Fraction, Fraction] | None = Field(
-        None, description="conditional models: the labels' strength in G and D (0: an unconditional GAN, 1: "
-                          "fully conditional) is 0 until the first fraction of train.steps, then rises linearly "
-                          "to 1 at the second. On little data a class-conditional GAN collapses within each "
-                          "class (Shahbazi et al. 2022); learning the classes' shared structure first avoids "
-                          "it. null: full strength from the start")
+        None, description="conditional models: the labels' strength in G and D is 0 (unconditional) until this "
+        "fraction of train.steps, then rises linearly to 1 at that one (against class-conditional collapse on "
+        "little data, Shahbazi et al. 2022); null: full strength throughout")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     pretrain_steps: int = Field(0, ge=0, description="srgan: generator updates on the content loss alone (the "
                                 "PSNR model) before any adversarial step")
@@ -302,21 +298,16 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _ada_transforms_for_ada(self) -> TrainConfig:
+    def _ada_transforms_and_ramp(self) -> TrainConfig:
         if len(set(self.ada_transforms)) < len(self.ada_transforms):
             raise ValueError(f"train.ada_transforms {self.ada_transforms}: a transform is listed twice")
         # Not "the key is set": a saved run's config lists every key, defaults included.
         if self.augment != "ada" and tuple(self.ada_transforms) != get_args(AdaTransform):
             raise ValueError(f"train.ada_transforms: chooses ADA's transforms; train.augment is {self.augment} "
                              "(set ada, or remove the key)")
-        return self
-
-    @model_validator(mode="after")
-    def _ramp_goes_up(self) -> TrainConfig:
         if self.condition_ramp is not None and self.condition_ramp[0] >= self.condition_ramp[1]:
-            start, end = self.condition_ramp
-            raise ValueError(f"train.condition_ramp [{start}, {end}]: the start must come before the end "
-                             "(fractions of train.steps)")
+            raise ValueError(f"train.condition_ramp {list(self.condition_ramp)}: the start must come before the "
+                             "end (fractions of train.steps)")
         return self
 
     @model_validator(mode="after")
