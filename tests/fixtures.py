@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +86,21 @@ def trainer_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v.detach().clone() for name, module in (("G", nets.g_raw), ("D", nets.d_raw),
                                                                    ("ema", nets.ema))
             for k, v in module.state_dict().items()}
+
+
+def resumed_halfway(make: Callable[[int, str], Trainer], first_steps: int, total_steps: int, name: str) -> Trainer:
+    """A run `name` (`make(steps, name)` builds its Trainer) trained total_steps // 2 iterations in a
+    Trainer of `first_steps` steps, saved and closed, then a new Trainer of `total_steps` steps on
+    the same run (what `--resume auto` builds) trained to the end. Returns the second, still open."""
+    half = total_steps // 2
+    first = make(first_steps, name)
+    train_iterations(first, half)
+    assert first.save({"metrics": {}}) is not None
+    first.close()
+    second = make(total_steps, name)
+    assert second.resumed_from == half
+    train_iterations(second, total_steps - half)
+    return second
 
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

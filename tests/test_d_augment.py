@@ -13,9 +13,7 @@ import torch
 from torch import nn
 
 from ganpipe import checkpoint
-from ganpipe.config_files import load_config
 from ganpipe.d_augment import ADA_TRANSFORMS, P_MAX, DiscriminatorAugment, ada_augment, ada_params
-from ganpipe.errors import UserError
 from tests.conftest import TINY_DIGITS, error_lines, last_json, run_cli, write_config
 from tests.test_training import run_tensors, straight_then_crashed
 
@@ -119,20 +117,6 @@ def test_chosen_transforms_alone_apply_on_the_same_stream() -> None:
                           atol=1e-5)
     with pytest.raises(ValueError, match="unknown ADA transform"):
         DiscriminatorAugment("ada", 0, transforms=("shear",))
-
-
-@pytest.mark.parametrize(("override", "expected"), [
-    ("train.ada_transforms=[translate, translate]", "a transform is listed twice"),
-    ("train.ada_transforms=[shear]", "key 'train.ada_transforms"),
-    ("train.ada_transforms=[]", "key 'train.ada_transforms'"),
-])
-def test_bad_ada_transforms_name_the_key(tmp_path: Path, override: str, expected: str) -> None:
-    path = write_config(tmp_path / "c.yaml", TINY_DIGITS)
-    with pytest.raises(UserError) as info:
-        load_config(path, ["train.augment=ada", override])
-    assert expected in str(info.value) and str(path) in str(info.value)
-    with pytest.raises(UserError, match="train.ada_transforms: chooses ADA's transforms; train.augment is diffaug"):
-        load_config(path, ["train.augment=diffaug", "train.ada_transforms=[translate]"])
 
 
 def test_p_rises_when_d_is_confident_on_reals_and_falls_when_not() -> None:

@@ -20,6 +20,7 @@ from tests.fixtures import (
     assert_bitwise_equal,
     new_run_dir,
     one_torch_thread,
+    resumed_halfway,
     train_iterations,
     trainer_weights,
 )
@@ -160,31 +161,36 @@ def test_a_scheduled_run_extended_in_two_invocations_matches_one(tmp_path: Path)
         expected = trainer_weights(straight)
         straight.close()
 
-        first = trainer(10, "extended")
-        train_iterations(first, 10)
-        assert first.save({"metrics": {}}) is not None
-        first.close()
-        second = trainer(20, "extended")
-        assert second.resumed_from == 10 and second.total_steps == 20
-        train_iterations(second, 10)
+        second = resumed_halfway(trainer, 10, 20, "extended")
+        assert second.total_steps == 20
         assert_bitwise_equal(trainer_weights(second), expected)
         second.close()
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("train.anneal_steps=21", "train.anneal_steps 21 does not fit train.steps 20"),
-    ("train.reg_every=0", "key 'train.reg_every'"),
-    ("train.r2_gamma=-1", "key 'train.r2_gamma'"),
-    ("train.beta2_final=1", "key 'train.beta2_final'"),
-    ("train.gamma_decay=exponential", "key 'train.gamma_decay'"),
-    ("train.ada_target_final=1.5", "key 'train.ada_target_final'"),
-    ("train.loss=rpgan", "key 'train.loss'"),
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["train.anneal_steps=21"], "train.anneal_steps 21 does not fit train.steps 20"),
+    (["train.reg_every=0"], "key 'train.reg_every'"),
+    (["train.r2_gamma=-1"], "key 'train.r2_gamma'"),
+    (["train.beta2_final=1"], "key 'train.beta2_final'"),
+    (["train.gamma_decay=exponential"], "key 'train.gamma_decay'"),
+    (["train.ada_target_final=1.5"], "key 'train.ada_target_final'"),
+    (["train.loss=rpgan"], "key 'train.loss'"),
+    (["train.augment=ada", "train.ada_transforms=[translate, translate]"], "a transform is listed twice"),
+    (["train.augment=ada", "train.ada_transforms=[shear]"], "key 'train.ada_transforms"),
+    (["train.augment=ada", "train.ada_transforms=[]"], "key 'train.ada_transforms'"),
+    (["train.augment=diffaug", "train.ada_transforms=[translate]"],
+     "train.ada_transforms: chooses ADA's transforms; train.augment is diffaug"),
+    (["train.condition_ramp=[0.6, 0.2]"], "the start must come before the end"),
+    (["train.condition_ramp=[0.2, 1.5]"], "key 'train.condition_ramp"),
 ])
-def test_bad_schedule_and_penalty_settings_name_the_key(tmp_path: Path, override: str, expected: str) -> None:
+def test_bad_schedule_penalty_and_augmentation_settings_name_the_key(tmp_path: Path, overrides: list[str],
+                                                                     expected: str) -> None:
     path = write_config(tmp_path / "c.yaml", TINY_DIGITS)
     with pytest.raises(UserError) as info:
-        load_config(path, [override])
+        load_config(path, overrides)
     assert expected in str(info.value) and str(path) in str(info.value)
+
+
 
 
 def test_cli_refuses_a_schedule_that_does_not_fit_the_run(tmp_path: Path) -> None:
