@@ -19,6 +19,7 @@ from ganpipe import network
 from ganpipe.config import CommandConfig, Config
 from ganpipe.config_files import load_command_config, load_config
 from ganpipe.errors import LINE_CHARS, EvaluationFailed, Failure, StageError, UserError, shorten
+from ganpipe.summaries import metric_lines, pipeline_summary_lines
 
 
 class Parser(argparse.ArgumentParser):
@@ -143,18 +144,6 @@ def cmd_train(args: argparse.Namespace) -> None:
                       f"checkpoint {result['checkpoint']}, MLflow run {result['mlflow_run_id']}"])
 
 
-def _metric_lines(metrics: dict[str, Any]) -> list[str]:
-    lines = []
-    for name, result in metrics.items():
-        if result.get("value") is None:
-            lines.append(f"{name}: unavailable ({result.get('error', 'failed')})")
-        else:
-            lines.append(f"{name}: {result['value']:.4f} ± {result.get('uncertainty') or 0:.4f}"
-                         + (f" (best ratio {result['best_ratio']:g})" if result.get("best_ratio") else "")
-                         + (f"  [{result['warning']}]" if result.get("warning") else ""))
-    return lines
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from ganpipe.evaluate import evaluate_sources
 
@@ -163,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     results = evaluate_sources(args.real, args.fake, e.metrics, e.num_samples, bootstrap=e.bootstrap,
                                inception_weights=e.inception_weights, resolution=e.resolution, seed=cfg.seed,
                                endpoint_url=cfg.storage.endpoint_url, num_processes=e.num_processes, settings=e)
-    _emit(args, results, _metric_lines(results))
+    _emit(args, results, metric_lines(results))
     if results and all(r.get("value") is None for r in results.values()):
         raise EvaluationFailed("no metric could be computed: " +
                                "; ".join(f"{name}: {r.get('error')}" for name, r in results.items()))
@@ -235,21 +224,6 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     check_evaluation(cfg)  # the flow checks again: deployments start it without this command
     summary = training_pipeline(config_path=str(args.config), overrides=list(args.overrides))
     _emit(args, summary, pipeline_summary_lines(summary))
-
-
-def pipeline_summary_lines(summary: dict[str, Any]) -> list[str]:
-    from ganpipe import tracking
-
-    lines = ["", "ganpipe pipeline finished",
-             f"  model:    {summary['model_uri']} (version {summary['version']}, "
-             f"aliases: {', '.join(summary.get('aliases') or []) or 'none'})",
-             f"  decision: {summary.get('decision', '')}"]
-    lines += [f"  {line}" for line in _metric_lines(summary.get("metrics") or {})]
-    export = summary.get("export")
-    lines.append(f"  export:   {export['out']} ({export['num_images']} rows)" if export else "  export:   not configured")
-    lines.append(f"  MLflow:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
-    lines.append("  Prefect:  prefect server start, then open http://127.0.0.1:4200 (flow runs)")
-    return lines
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:

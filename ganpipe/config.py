@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,41 +21,13 @@ from pydantic import (
 )
 
 from ganpipe import network, strict_yaml
+from ganpipe.config_values import AdaTransform, Beta, Fraction, LossName, Name, Seed
 from ganpipe.metric_settings import MetricSettings
 
 
 class _Section(BaseModel):
     # No inf or nan: every float key is a rate, weight, fraction or threshold.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
-
-
-def _seed_range(value: int) -> int:
-    if not 0 <= value < 2**31:
-        raise ValueError("seed must be in [0, 2**31)")
-    return value
-
-
-Seed = Annotated[int, AfterValidator(_seed_range)]
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-NAME_RULE = ("use letters, digits, '_', '.' and '-', starting with a letter or digit, without '..', "
-             "at most 128 characters")
-
-
-def check_name(value: str) -> str:
-    """Names become folder names (runs/<train.run_name>, exports/<register.name>/) and registry
-    names: one plain path component, never a path (no separator, no '..', no leading dot or '-',
-    no control character), short enough for any filesystem."""
-    if not NAME.fullmatch(value) or ".." in value:
-        raise ValueError(f"not a name: {NAME_RULE}")
-    return value
-
-
-Name = Annotated[str, AfterValidator(check_name)]
-Beta = Annotated[float, Field(ge=0, lt=1)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
-AdaTransform = Literal["xflip", "rotate90", "translate", "scale", "aniso", "brightness", "contrast", "saturation",
-                       "cutout"]
 
 
 def batch_split_problem(batch_size: int, processes: int, grad_accum: int, pack: int) -> str | None:
@@ -195,9 +165,6 @@ class ModelConfig(_Section):
         if self.g_conditioning != "auto":
             return self.g_conditioning
         return "cbn" if self.family == "resnet" else "embedding"
-
-
-LossName = Literal["minimax", "non_saturating", "hinge", "least_squares", "wgan_gp", "relativistic"]
 
 
 class TrainConfig(_Section):

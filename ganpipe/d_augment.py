@@ -40,7 +40,7 @@ from typing import Any, get_args
 
 import torch
 
-from ganpipe.config import AdaTransform
+from ganpipe.config_values import AdaTransform
 
 Tensor = torch.Tensor
 POLICIES = ("none", "diffaug", "ada")

@@ -35,7 +35,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from ganpipe import network, networks, runs, tracking
-from ganpipe.config import check_name
+from ganpipe.config_values import check_name
 from ganpipe.data import open_prepared
 from ganpipe.data.pairs import holdout_split
 from ganpipe.errors import UserError, show

@@ -26,7 +26,7 @@ from ganpipe.d_augment import DiscriminatorAugment
 from ganpipe.data import open_prepared
 from ganpipe.errors import Diverged, UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty, r2_penalty
-from ganpipe.networks import build_discriminator, build_generator, set_condition_strength
+from ganpipe.networks import build_discriminator, build_generator, condition_strengths
 from ganpipe.recipe import BatchSampler, network_spec
 
 
@@ -89,6 +89,7 @@ class Trainer:
         self.d_fp32 = d_raw.forward
         self.last_penalties: dict[str, torch.Tensor] = {}
         self.scheduled: dict[str, float] = {}
+        self.strength_set = 1.0  # the label strength the networks hold (built at full strength)
         G, D, opt_g, opt_d = acc.prepare(compiled_g, compiled_d, opt_g, opt_d)
         self.nets = Nets(G, D, g_raw, d_raw, ema, opt_g, opt_d)
         if self.resumed_from is not None and acc.scaler is not None and "scaler" in self._resume_state:
@@ -305,9 +306,8 @@ class Trainer:
         update_ema(self.nets.ema, self.nets.g_raw, decay)
 
     def set_hyperparameters(self) -> None:
-        """Learning rates and Adam's beta2 for this step, from ganpipe.schedules: functions of the
-        step alone, so a resumed run follows the same curves (the optimisers' saved values are
-        overwritten here). `scheduled` keeps this step's values for logging."""
+        """This step's rates, beta2, R1/R2 weights and label strength from ganpipe.schedules (functions of the
+        step alone: a resumed run follows the same curves); `scheduled` keeps them for logging."""
         t = self.cfg.train
         g_lr, d_lr = schedules.learning_rates(t, self.step)
         beta2 = schedules.beta2(t, self.step)
@@ -320,8 +320,10 @@ class Trainer:
                 self.scheduled[key] = schedules.gamma(t, base, self.step)
         if t.condition_ramp is not None:
             strength = self.scheduled["condition_strength"] = schedules.condition_strength(t, self.step)
-            for network in (self.nets.g_raw, self.nets.d_raw, self.nets.ema):
-                set_condition_strength(network, strength)
+            if strength != self.strength_set:  # it holds outside the ramp: no fills there
+                for buffer in condition_strengths(self.nets.g_raw, self.nets.d_raw, self.nets.ema):
+                    buffer.fill_(strength)
+                self.strength_set = strength
 
     def iteration(self) -> dict[str, torch.Tensor]:
         """One training step: k D updates then one G update, or one update of the side the

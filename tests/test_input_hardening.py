@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ganpipe import cli, runs
-from ganpipe.config import NAME_RULE
 from ganpipe.config_files import load_config
+from ganpipe.config_values import NAME_RULE
 from ganpipe.errors import LINE_CHARS, UserError
 from tests.conftest import ROOT, error_lines, write_config
 

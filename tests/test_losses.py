@@ -64,7 +64,7 @@ def test_hinge_least_squares_wasserstein() -> None:
 def test_every_configured_loss_is_registered() -> None:
     from typing import get_args
 
-    from ganpipe.config import LossName
+    from ganpipe.config_values import LossName
 
     assert set(get_args(LossName)) == set(losses.LOSSES)
 

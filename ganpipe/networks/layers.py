@@ -22,12 +22,10 @@ def add_condition_strength(module: nn.Module) -> None:
     module.register_buffer(STRENGTH, torch.ones(()), persistent=False)
 
 
-def set_condition_strength(network: nn.Module, value: float) -> None:
-    """Set the label strength of every module of `network` that has one."""
-    for module in network.modules():
-        strength = dict(module.named_buffers(recurse=False)).get(STRENGTH)
-        if strength is not None:
-            strength.fill_(value)
+def condition_strengths(*networks: nn.Module) -> list[torch.Tensor]:
+    """The label-strength buffers of every module of `networks` that has one (fill them to set it)."""
+    return [buffer for network in networks for module in network.modules()
+            for name, buffer in module.named_buffers(recurse=False) if name == STRENGTH]
 
 
 class ConditionalBatchNorm2d(nn.Module):
