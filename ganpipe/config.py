@@ -212,6 +212,8 @@ class TrainConfig(_Section):
         None, description="conditional models: the labels' strength in G and D is 0 (unconditional) until this "
         "fraction of train.steps, then rises linearly to 1 at that one (against class-conditional collapse on "
         "little data, Shahbazi et al. 2022); null: full strength throughout")
+    mode_seeking: float = Field(0.0, ge=0, description="weight of MSGAN's mode-seeking term in G's loss (pairs of "
+                                "one class from two latents pushed apart; against collapse within a class); 0: off")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     pretrain_steps: int = Field(0, ge=0, description="srgan: generator updates on the content loss alone (the "
                                 "PSNR model) before any adversarial step")

@@ -13,6 +13,8 @@ logits (the others accept None there). With D(x) = sigmoid(logit):
   real sample looks more real than a generated one, on pairs (x_i, G(z_i)).
 - r1_penalty (Mescheder et al. 2018): squared gradient norm on real data; r2_penalty: the same on
   generated data (R3GAN regularises with both).
+- mode_seeking (MSGAN: Mao et al. 2019): a generator term against collapse within a class; pairs
+  of samples of one class from two latents are pushed apart in proportion to their latents.
 
 The penalties run their own forward pass in fp32 (see `squared_gradient_norm`).
 """
@@ -141,3 +143,29 @@ def r2_penalty(critic: Critic, fake: Tensor, labels: Tensor | None) -> Tensor:
     """R2: E_z[||grad_x D(x)||^2 at x = G(z)], R1 on generated samples (taken as constants: the
     penalty trains D only). With R1 it makes RpGAN converge locally (Huang et al. 2024)."""
     return squared_gradient_norm(critic, fake, labels)
+
+
+MODE_SEEKING_EPS = 1e-5  # MSGAN's: bounds the term when two samples coincide
+
+
+def mode_seeking_pairs(labels: Tensor) -> Tensor:
+    """The labels with each odd row given its even neighbour's: rows 2i and 2i+1 are then one
+    class from two latents, the pairs `diversity_ratio` compares. Same draws, no extra randomness."""
+    paired = labels.clone()
+    half = len(labels) // 2
+    paired[1:2 * half:2] = labels[0:2 * half:2]
+    return paired
+
+
+def diversity_ratio(fake: Tensor, z: Tensor) -> Tensor:
+    """mean |G(z_2i) - G(z_2i+1)| / mean |z_2i - z_2i+1| over the batch's pairs (MSGAN's ratio of
+    image distance to latent distance; an odd last row is left out). Near 0: G maps distinct
+    latents of a class to one image, the collapse the term fights."""
+    half = len(fake) // 2
+    first, second = fake[0:2 * half:2].float(), fake[1:2 * half:2].float()
+    return (first - second).abs().mean() / (z[0:2 * half:2] - z[1:2 * half:2]).abs().mean()
+
+
+def mode_seeking(ratio: Tensor) -> Tensor:
+    """MSGAN's generator term 1 / (ratio + eps), minimised: it grows as the pairs collapse."""
+    return 1.0 / (ratio + MODE_SEEKING_EPS)

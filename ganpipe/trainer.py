@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ganpipe import checkpoint, runs, schedules
+from ganpipe import checkpoint, losses, runs, schedules
 from ganpipe.batches import RealBatches, real_batches
 from ganpipe.config import Config, batch_split_problem
 from ganpipe.d_augment import DiscriminatorAugment
@@ -242,9 +242,9 @@ class Trainer:
         self.d_updates += 1
 
     def generator_update(self) -> dict[str, torch.Tensor]:
-        nets, acc = self.nets, self.accelerator
-        accum = self.cfg.train.grad_accum
-        n = self.cfg.train.batch_size // acc.num_processes
+        t, nets, acc = self.cfg.train, self.nets, self.accelerator
+        accum = t.grad_accum
+        n = t.batch_size // acc.num_processes
         z_all = self.latents(n)
         labels_all = None
         if self.spec.conditional:  # classes drawn uniformly, so every class gets trained
@@ -261,6 +261,8 @@ class Trainer:
         micro = self._micro_batches(z_all, labels_all, real_all, real_labels_all)
         for i, (z, labels, real, real_labels) in enumerate(micro):
             sync = acc.no_sync(nets.G) if i < accum - 1 else nullcontext()
+            if t.mode_seeking and labels is not None:
+                labels = losses.mode_seeking_pairs(labels)
             with sync, acc.no_sync(nets.D):
                 fake = nets.G(z, labels)
                 fake_logits = nets.D(self.d_input(fake), labels).float()
@@ -268,8 +270,12 @@ class Trainer:
                 if real is not None:
                     with torch.no_grad():  # no graph: the real logits are a constant bar for G
                         real_logits = nets.D(self.d_input(real), real_labels).float()
-                loss = self.objective.g(fake_logits, real_logits)
-                acc.backward(loss / accum)
+                loss = total = self.objective.g(fake_logits, real_logits)
+                if t.mode_seeking:  # g_loss stays the adversarial loss (the adaptive schedule reads it)
+                    ratio = losses.diversity_ratio(fake, z)
+                    add_stat(stats, "g_diversity", ratio.detach(), accum)
+                    total = loss + t.mode_seeking * losses.mode_seeking(ratio)
+                acc.backward(total / accum)
             add_stat(stats, "g_loss", loss, accum)
         self.step_generator(stats)
         return stats
@@ -346,8 +352,8 @@ class Trainer:
 
     def record_finite(self, stats: dict[str, torch.Tensor]) -> None:
         """Remember the first step with a non-finite loss, without a host sync (check_finite reads it)."""
-        losses = [v for k, v in stats.items() if k.endswith("loss")]
-        finite = torch.stack([torch.isfinite(v) for v in losses]).all()
+        loss_values = [v for k, v in stats.items() if k.endswith("loss")]
+        finite = torch.stack([torch.isfinite(v) for v in loss_values]).all()
         # A Python scalar, not a tensor made from one: that would be a copy from the host, which
         # waits for the device to finish its queued work.
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, self.step + 1, self.first_bad_step)
