@@ -182,6 +182,7 @@ def test_a_scheduled_run_extended_in_two_invocations_matches_one(tmp_path: Path)
      "train.ada_transforms: chooses ADA's transforms; train.augment is diffaug"),
     (["train.condition_ramp=[0.6, 0.2]"], "the start must come before the end"),
     (["train.condition_ramp=[0.2, 1.5]"], "key 'train.condition_ramp"),
+    (["train.mode_seeking=-1"], "key 'train.mode_seeking'"),
 ])
 def test_bad_schedule_penalty_and_augmentation_settings_name_the_key(tmp_path: Path, overrides: list[str],
                                                                      expected: str) -> None:
