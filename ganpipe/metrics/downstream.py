@@ -7,7 +7,9 @@ data, each a function (training rows, test rows) -> accuracy on the test rows.
   a dark background stays dark), and random horizontal flips only when asked (`eval.uplift_flip`:
   a mirrored digit or letter is another symbol, or none, so flipping is off by default). Every
   training in one uplift measurement takes the same number of steps, so a larger mix gets more
-  data, not more optimisation. Runs on the evaluation's device.
+  data, not more optimisation. The classifier scored is the exponential moving average of the
+  trained weights (decay EMA_DECAY), not the last step's: see EMA_DECAY. Runs on the evaluation's
+  device.
 - `logistic`: scikit-learn's LogisticRegression on standardised flattened pixels or vectors.
 - `gboost` (vectors): scikit-learn's HistGradientBoostingClassifier on the raw vectors.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ganpipe.errors import UserError
 from ganpipe.metrics.domain import Classifier
@@ -33,6 +36,14 @@ LEARNING_RATE = 1e-3
 # the mixes under-trained: real-only accuracy 95.9% instead of 97.2%, every ratio 1-2 points lower.
 EPOCHS = 8
 MIN_STEPS, MAX_STEPS = 400, 3000
+# The last step's weights at a constant learning rate are one draw from where Adam wanders, and an
+# unlucky draw is one repeat's accuracy points lost, which uplift's paired differences then report
+# as the generator's doing. Measured on 32 px digits (30 real rows per class, a digits-limited
+# generator, 8 repeats, 400 steps): scoring the average of the last ~50 steps' weights instead
+# raised real-only accuracy from 90.7% to 91.7%, halved the spread of the mixes' accuracies (ratio
+# 0.5: standard deviation 1.6 -> 0.8 points), and removed the one failed training (84.0% where the
+# other repeats scored 91-94%). Batch-norm-free network: the weights are the whole state.
+EMA_DECAY = 0.98
 
 
 def resolve_classifier(name: str, kind: str) -> str:
@@ -95,6 +106,7 @@ def train_cnn(images: np.ndarray, labels: np.ndarray, num_classes: int, steps: i
     x = images_to_network_space(torch.from_numpy(np.ascontiguousarray(images))).contiguous().to(device)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
     model = Classifier(x.shape[1], x.shape[2], num_classes).to(device).train()
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     generator = torch.Generator().manual_seed(seed)
     pad = max(1, x.shape[2] // 8)
@@ -104,7 +116,8 @@ def train_cnn(images: np.ndarray, labels: np.ndarray, num_classes: int, steps: i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return model.eval()
+        average.update_parameters(model)
+    return average.module.eval()
 
 
 @torch.no_grad()
