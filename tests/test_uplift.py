@@ -1,6 +1,7 @@
 """Augmentation value (`uplift`) and the k-NN coverage/density metrics: the held-out split, the
 reference implementation of coverage and density, mode collapse on the 25-Gaussians grid, uplift
-of a trained against an untrained generator, gating on uplift and `augment --ratio auto`."""
+of a trained against an untrained generator (its classifier: the moving average of its weights),
+gating on uplift and `augment --ratio auto`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ganpipe.data.gaussians import grid_means, sample_grid
 from ganpipe.errors import UserError
 from ganpipe.generators import BEST_RATIO_TAG, LoadedGenerator, load_generator
 from ganpipe.metric_settings import MetricSettings
-from ganpipe.metrics import METRICS, EvalContext, evaluate
+from ganpipe.metrics import METRICS, EvalContext, downstream, evaluate
 from ganpipe.metrics import uplift as uplift_module
 from ganpipe.metrics.coverage import coverage_density, standardise
 from ganpipe.metrics.samples import RealSamples
@@ -30,6 +31,27 @@ from ganpipe.networks import build_generator
 from ganpipe.registry import register_run
 from tests.conftest import ROOT, error_lines, last_json, run_cli
 from tests.test_registry import aliases_of, copy_run, mlflow_client
+
+# --- the downstream classifier ---------------------------------------------------------------------
+
+def test_the_cnn_scored_is_the_moving_average_of_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After k steps the classifier returned is d x (its average after k - 1 steps) + (1 - d) x the
+    k-th step's weights, where the last step's weights are what decay 0 returns (the training
+    itself does not depend on the average)."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (40, 16, 16, 1), dtype=np.uint8), np.arange(40) % 4
+
+    def weights(steps: int) -> dict[str, torch.Tensor]:
+        return downstream.train_cnn(images, labels, 4, steps, seed=3, flip=False, device="cpu").state_dict()
+
+    before, averaged = weights(5), weights(6)
+    monkeypatch.setattr(downstream, "EMA_DECAY", 0.0)
+    last = weights(6)
+    d = 0.98
+    for key in last:
+        assert torch.allclose(averaged[key], d * before[key] + (1 - d) * last[key], atol=1e-6), key
+    assert any(not torch.allclose(averaged[k], last[k]) for k in last)  # not the last step's weights
+
 
 # --- the held-out split ------------------------------------------------------------------------------
 
