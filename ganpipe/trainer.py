@@ -26,7 +26,7 @@ from ganpipe.d_augment import DiscriminatorAugment
 from ganpipe.data import open_prepared
 from ganpipe.errors import Diverged, UserError
 from ganpipe.losses import LOSSES, gradient_penalty, r1_penalty, r2_penalty
-from ganpipe.networks import build_discriminator, build_generator, condition_strengths
+from ganpipe.networks import build_discriminator, build_generator, set_condition_strength
 from ganpipe.recipe import BatchSampler, network_spec
 
 
@@ -243,18 +243,15 @@ class Trainer:
 
     def generator_update(self) -> dict[str, torch.Tensor]:
         t, nets, acc = self.cfg.train, self.nets, self.accelerator
-        accum = t.grad_accum
-        n = t.batch_size // acc.num_processes
+        accum, n = t.grad_accum, t.batch_size // acc.num_processes
         z_all = self.latents(n)
         labels_all = None
         if self.spec.conditional:  # classes drawn uniformly, so every class gets trained
             labels_all = torch.randint(self.spec.num_classes, (n,), generator=self.noise).to(
                 self.device, non_blocking=True)
-        # A loss that judges fakes against real data (relativistic) draws its own real batch from
-        # the sampler: every step then reads d_steps + 1 batches, so the data order differs from
-        # the other losses' (theirs is unchanged), and the sampler's checkpointed position keeps
-        # resume exact. Reusing D's last batch instead would tie this update to D's micro-batches
-        # and break under the adaptive schedule, where G updates can follow no D update.
+        # A loss that judges fakes against real data (relativistic) draws its own real batch: each
+        # step reads d_steps + 1 batches (the checkpointed sampler position keeps resume exact).
+        # Reusing D's last batch would break under the adaptive schedule (G after no D update).
         real_all, real_labels_all = self.real_batch() if self.objective.g_needs_real else (None, None)
         nets.D.requires_grad_(False)  # frozen: no gradients for D, and no gradient sync for it
         stats: dict[str, torch.Tensor] = {}
@@ -266,10 +263,8 @@ class Trainer:
             with sync, acc.no_sync(nets.D):
                 fake = nets.G(z, labels)
                 fake_logits = nets.D(self.d_input(fake), labels).float()
-                real_logits = None
-                if real is not None:
-                    with torch.no_grad():  # no graph: the real logits are a constant bar for G
-                        real_logits = nets.D(self.d_input(real), real_labels).float()
+                with torch.no_grad():  # no graph: the real logits are a constant bar for G
+                    real_logits = None if real is None else nets.D(self.d_input(real), real_labels).float()
                 loss = total = self.objective.g(fake_logits, real_logits)
                 if t.mode_seeking:  # g_loss stays the adversarial loss (the adaptive schedule reads it)
                     ratio = losses.diversity_ratio(fake, z)
@@ -327,8 +322,7 @@ class Trainer:
         if t.condition_ramp is not None:
             strength = self.scheduled["condition_strength"] = schedules.condition_strength(t, self.step)
             if strength != self.strength_set:  # it holds outside the ramp: no fills there
-                for buffer in condition_strengths(self.nets.g_raw, self.nets.d_raw, self.nets.ema):
-                    buffer.fill_(strength)
+                set_condition_strength(strength, self.nets.g_raw, self.nets.d_raw, self.nets.ema)
                 self.strength_set = strength
 
     def iteration(self) -> dict[str, torch.Tensor]:

@@ -13,7 +13,13 @@ import torch
 from ganpipe import schedules
 from ganpipe.config import TrainConfig
 from ganpipe.config_files import load_config
-from ganpipe.networks import NetworkSpec, build_discriminator, build_generator, condition_strengths
+from ganpipe.networks import (
+    NetworkSpec,
+    build_discriminator,
+    build_generator,
+    condition_strengths,
+    set_condition_strength,
+)
 from ganpipe.train import checkpoint_score
 from ganpipe.trainer import Trainer
 from tests.conftest import TINY_DIGITS, error_lines, run_cli, write_config
@@ -46,11 +52,6 @@ NETWORKS = [  # (family, g_conditioning, d_conditioning, sample shape)
 ]
 
 
-def set_strength(network: torch.nn.Module, value: float) -> None:
-    for buffer in condition_strengths(network):
-        buffer.fill_(value)
-
-
 @pytest.mark.parametrize(("family", "g_conditioning", "d_conditioning", "shape"), NETWORKS)
 def test_networks_ignore_labels_at_zero_and_are_unchanged_at_one(family: str, g_conditioning: str,
                                                                  d_conditioning: str, shape: tuple[int, ...]) -> None:
@@ -69,15 +70,15 @@ def test_networks_ignore_labels_at_zero_and_are_unchanged_at_one(family: str, g_
     with torch.no_grad():
         full_g, full_d = g(z, labels), d(x, labels)
         fresh_g, fresh_d = copy.deepcopy(g), copy.deepcopy(d)
-        set_strength(g, 0.0)
-        set_strength(d, 0.0)
+        set_condition_strength(0.0, g)
+        set_condition_strength(0.0, d)
         assert torch.equal(g(z, labels), g(z, other)) and torch.equal(d(x, labels), d(x, other))
         assert not torch.equal(fresh_g(z, labels), fresh_g(z, other))  # the labels did matter
         assert not torch.equal(fresh_d(x, labels), fresh_d(x, other))
-        set_strength(g, 0.5)  # in between: neither
+        set_condition_strength(0.5, g)  # in between: neither
         assert not torch.equal(g(z, labels), g(z, other)) and not torch.equal(g(z, labels), full_g)
-        set_strength(g, 1.0)
-        set_strength(d, 1.0)
+        set_condition_strength(1.0, g)
+        set_condition_strength(1.0, d)
         assert torch.equal(g(z, labels), full_g) and torch.equal(d(x, labels), full_d)  # bitwise
 
 

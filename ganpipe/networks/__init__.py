@@ -19,7 +19,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .dcgan import DCGANDiscriminator, DCGANGenerator
-from .layers import condition_strengths
+from .layers import condition_strengths, set_condition_strength
 from .mlp import MLPDiscriminator, MLPGenerator
 from .r3gan import R3GANDiscriminator, R3GANGenerator
 from .r3gan import check as check_r3gan
@@ -70,5 +70,5 @@ __all__ = [
     "FAMILIES", "DCGANDiscriminator", "DCGANGenerator", "MLPDiscriminator", "MLPGenerator", "NetworkSpec",
     "R3GANDiscriminator", "R3GANGenerator", "ResNetDiscriminator", "ResNetGenerator", "SRDiscriminator", "SRResNetGenerator", "build_discriminator",
     "build_generator", "check_spec", "from_network_space", "generate", "images_to_network_space",
-    "latents_for_seeds", "pad_rows", "condition_strengths", "to_network_space", "vectors_to_network_space",
+    "latents_for_seeds", "pad_rows", "condition_strengths", "set_condition_strength", "to_network_space", "vectors_to_network_space",
 ]

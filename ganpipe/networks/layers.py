@@ -28,6 +28,12 @@ def condition_strengths(*networks: nn.Module) -> list[torch.Tensor]:
             for name, buffer in module.named_buffers(recurse=False) if name == STRENGTH]
 
 
+def set_condition_strength(value: float, *networks: nn.Module) -> None:
+    """Set the label strength of every module of `networks` that takes labels."""
+    for buffer in condition_strengths(*networks):
+        buffer.fill_(value)
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """Batch norm whose scale and shift are looked up per class (conditional BN, as in BigGAN).
     At label strength s the scale is s * gain + (1 - s) and the shift s * bias: plain batch norm
