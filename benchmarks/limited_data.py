@@ -14,23 +14,33 @@ is off for every candidate (train.best_metric none), so the budget is training a
 A metric that comes back unavailable (an unknown metric in this version, or one that cannot run
 here) is reported as such; the others still run.
 
+One training is one draw: fd_domain moves by about 5 between seeds of one config, and uplift's
+paired differences by a point or two between repeats. `--seeds 0,1,2,3,4` trains every candidate
+once per seed and ends with a table over seeds: mean ± standard error over seeds of each metric
+and of the uplift at each ratio. uplift defaults to the regime it is about: --per-class real
+rows per class (eval.uplift_real_per_class) and 8 repeats (eval.uplift_repeats); --eval-set
+overrides either.
+
     python -m benchmarks.limited_data [--budget-s 1200] [--per-class 30] [--metrics fd_domain,cas,uplift]
-        [--candidate NAME=CONFIG[,key=value...]] [--eval-set eval.key=value]
+        [--candidate NAME=CONFIG[,key=value...]] [--eval-set eval.key=value] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from benchmarks._common import ROOT
 
@@ -44,12 +54,17 @@ class Candidate:
     name: str
     config: Path
     overrides: list[str] = field(default_factory=list)
+    seed: int | None = None  # --seeds: this run's (its name is NAME-sSEED)
     cpu_per_step: float = 0.0
     steps: int = 0
     train_wall_s: float = 0.0
     train_cpu_s: float = 0.0
     run_dir: str = ""
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def run_name(self) -> str:
+        return self.name if self.seed is None else f"{self.name}-s{self.seed}"
 
 
 def parse_candidate(text: str) -> Candidate:
@@ -103,7 +118,7 @@ def train(candidate: Candidate, home: Path) -> None:
     command and every process it waited for (os.wait4: runs may go on side by side). A run
     stopped from outside continues from its last checkpoint (`--resume auto`, bitwise the same
     run); the times add up over the attempts."""
-    overrides = [*candidate.overrides, f"train.steps={candidate.steps}", f"train.run_name=bench-{candidate.name}"]
+    overrides = [*candidate.overrides, f"train.steps={candidate.steps}", f"train.run_name=bench-{candidate.run_name}"]
     command = [sys.executable, "-m", "ganpipe.cli", "train", str(candidate.config),
                *[a for o in overrides for a in ("--set", o)], "--json"]
     for attempt in range(1, ATTEMPTS + 1):
@@ -121,9 +136,9 @@ def train(candidate: Candidate, home: Path) -> None:
             return
         if proc.returncode not in INTERRUPTED or attempt == ATTEMPTS:
             break
-        print(f"{candidate.name}: training stopped from outside (exit {proc.returncode}); resuming", flush=True)
+        print(f"{candidate.run_name}: training stopped from outside (exit {proc.returncode}); resuming", flush=True)
     sys.stderr.write(stderr[-4000:])
-    raise SystemExit(f"training {candidate.name} failed with exit {proc.returncode}")
+    raise SystemExit(f"training {candidate.run_name} failed with exit {proc.returncode}")
 
 
 def evaluate(candidate: Candidate, real: str, metrics: list[str], eval_sets: list[str], num_samples: int,
@@ -157,24 +172,53 @@ def shown(result: dict[str, Any] | None, percent: bool = False) -> str:
 
 
 def table(candidates: list[Candidate]) -> list[str]:
-    header = f"{'generator':<16} {'steps':>6} {'cpu s/step':>10} {'train cpu s':>11} {'train wall s':>12} " \
+    header = f"{'generator':<20} {'steps':>6} {'cpu s/step':>10} {'train cpu s':>11} {'train wall s':>12} " \
              f"{'fd_domain (lower)':>18} {'CAS':>16} {'uplift':>16}"
     rows = [header, "-" * len(header)]
     for c in candidates:
-        rows.append(f"{c.name:<16} {c.steps:>6} {c.cpu_per_step:>10.3f} {c.train_cpu_s:>11.0f} "
+        rows.append(f"{c.run_name:<20} {c.steps:>6} {c.cpu_per_step:>10.3f} {c.train_cpu_s:>11.0f} "
                     f"{c.train_wall_s:>12.0f} {shown(c.results.get('fd_domain')):>18} "
                     f"{shown(c.results.get('cas'), percent=True):>16} {shown(c.results.get('uplift'), percent=True):>16}")
     for c in candidates:
         cas = c.results.get("cas") or {}
         if cas.get("real_accuracy") is not None:
-            rows.append(f"{c.name}: CAS's classifier trained on real data instead: {100 * cas['real_accuracy']:.1f}% "
+            rows.append(f"{c.run_name}: CAS's classifier trained on real data instead: {100 * cas['real_accuracy']:.1f}% "
                         f"(the ceiling; {cas.get('num_train')} training rows, {cas.get('num_test')} held out)")
         uplift = c.results.get("uplift") or {}
         if uplift.get("value") is not None:
-            rows.append(f"{c.name}: uplift real-only {uplift.get('real_only')}, best ratio {uplift.get('best_ratio')}")
+            rows.append(f"{c.run_name}: uplift real-only {uplift.get('real_only')}, best ratio {uplift.get('best_ratio')}")
         for name, result in c.results.items():
             if result.get("value") is None:
-                rows.append(f"{c.name}: {name} unavailable: {result.get('error')}")
+                rows.append(f"{c.run_name}: {name} unavailable: {result.get('error')}")
+    return rows
+
+
+def mean_and_error(values: list[float]) -> str:
+    """'mean ± standard error' (± ? from a single value)."""
+    mean = float(np.mean(values))
+    error = f"{np.std(values, ddof=1) / math.sqrt(len(values)):.2f}" if len(values) > 1 else "?"
+    return f"{mean:.2f} ± {error}"
+
+
+def seed_table(runs: list[Candidate]) -> list[str]:
+    """Each candidate over its seeds: fd_domain, CAS, best-ratio uplift and the uplift at each ratio,
+    as mean ± standard error over seeds (percent for all but fd_domain). The seeds are the
+    independent draws: every seed's uplift uses the same real rows, so the spread over seeds, not
+    the repeats' own ±, is what says whether two candidates differ."""
+    rows = ["", "over seeds (mean ± standard error):"]
+    for name in dict.fromkeys(r.name for r in runs):
+        mine = [r for r in runs if r.name == name]
+        figures = []
+        for metric, scale in (("fd_domain", 1), ("cas", 100), ("uplift", 100)):
+            values = [scale * r.results[metric]["value"] for r in mine
+                      if (r.results.get(metric) or {}).get("value") is not None]
+            if values:
+                figures.append(f"{metric} {mean_and_error(values)}{'%' if scale == 100 else ''}")
+        rows.append(f"{name} (seeds {', '.join(str(r.seed) for r in mine)}): {'; '.join(figures)}")
+        uplifts = [r.results["uplift"] for r in mine if (r.results.get("uplift") or {}).get("value") is not None]
+        for ratio in (uplifts[0]["ratios"] if uplifts else []):
+            gains = [100 * row["uplift"] for u in uplifts for row in u["ratios"] if row["ratio"] == ratio["ratio"]]
+            rows.append(f"  uplift at ratio {ratio['ratio']:g}: {mean_and_error(gains)}%")
     return rows
 
 
@@ -197,7 +241,11 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=1, help="trainings (each single-threaded) and then evaluations side by side")
     parser.add_argument("--home", type=Path, help="GANPIPE_HOME to use and keep (default: a temporary one)")
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")],
+                        help="train every candidate once per seed (e.g. 0,1,2) and add a table over seeds")
     args = parser.parse_args()
+    eval_sets = [*(default for default in (f"eval.uplift_real_per_class={args.per_class}", "eval.uplift_repeats=8")
+                   if not any(s.startswith(default.split("=")[0] + "=") for s in args.eval_set)), *args.eval_set]
     common = ["data.resolution=32", f"data.max_per_class={args.per_class}", "model.conditional=true",
               "train.best_metric=none", "train.final_generator=last"]
     candidates = args.candidate or [
@@ -221,22 +269,24 @@ def main() -> int:
         print(f"budget: {budget:.0f} CPU s of training each", flush=True)
         for c in candidates:
             c.steps = max(1, round(budget / c.cpu_per_step))
+        runs = [replace(c, seed=seed, overrides=[*c.overrides, f"seed={seed}"], results={}) for c in candidates
+                for seed in args.seeds] if args.seeds else candidates
         with ThreadPoolExecutor(args.parallel) as pool:  # each run single-threaded: side by side is fair
-            for c in pool.map(lambda c: (train(c, home), c)[1], candidates):
-                print(f"{c.name}: {c.steps} steps in {c.train_wall_s:.0f} s wall, {c.train_cpu_s:.0f} CPU s "
+            for c in pool.map(lambda c: (train(c, home), c)[1], runs):
+                print(f"{c.run_name}: {c.steps} steps in {c.train_wall_s:.0f} s wall, {c.train_cpu_s:.0f} CPU s "
                       f"(load average now {os.getloadavg()[0]:.1f})", flush=True)
         def scored(c: Candidate) -> tuple[Candidate, float]:
             started = time.time()
-            evaluate(c, args.real, args.metrics.split(","), args.eval_set, args.num_samples, home)
+            evaluate(c, args.real, args.metrics.split(","), eval_sets, args.num_samples, home)
             return c, time.time() - started
 
         with ThreadPoolExecutor(args.parallel) as pool:  # the scores do not depend on what runs beside them
-            for c, seconds in pool.map(scored, candidates):
-                print(f"{c.name}: evaluated in {seconds:.0f} s", flush=True)
+            for c, seconds in pool.map(scored, runs):
+                print(f"{c.run_name}: evaluated in {seconds:.0f} s", flush=True)
     print()
-    print("\n".join(table(candidates)))
+    print("\n".join(table(runs) + (seed_table(runs) if args.seeds else [])))
     if args.json_out:
-        args.json_out.write_text(json.dumps([c.__dict__ | {"config": str(c.config)} for c in candidates], indent=2))
+        args.json_out.write_text(json.dumps([c.__dict__ | {"config": str(c.config)} for c in runs], indent=2))
     return 0
 
 
