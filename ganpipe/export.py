@@ -358,11 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     def report(rows: int) -> None:
         print(f"{PROGRESS_TAG} {rows}", flush=True)
 
-    try:
-        return worker_main(lambda: write_shards(job, state.process_index, state.num_processes, state.device, report))
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return worker_main(lambda: write_shards(job, state.process_index, state.num_processes, state.device, report))
 
 
 if __name__ == "__main__":

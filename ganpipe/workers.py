@@ -17,7 +17,8 @@ Worker side, `worker_main`:
 - a fatal error is reported as one line `worker input error: MESSAGE` and exit code 2 (input at
   fault) or `worker error: MESSAGE` and exit code 1. The traceback is written as
   `worker traceback: ` lines: the log keeps them, the terminal shows them only with
-  GANPIPE_DEBUG=1, so the user reads one `error:` line.
+  GANPIPE_DEBUG=1, so the user reads one `error:` line;
+- after a body that succeeded, the process group (if one was started) is destroyed before exit.
 """
 
 from __future__ import annotations
@@ -284,6 +285,13 @@ def worker_main(body: Callable[[], Any]) -> int:
     except Exception as exc:  # noqa: BLE001 - the worker's last line of defence: one line, exit 1
         report_error(exc, with_type=True)
         return 1
+    # A process group left to interpreter shutdown can abort its rank ("terminate called without
+    # an active exception" from gloo's threads, SIGABRT) after the work succeeded, and the launcher
+    # then reports the whole command failed. Seen once in a 2-process evaluation.
+    import torch.distributed as dist  # here: the launcher side of this module never loads torch
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
